@@ -1,0 +1,1 @@
+"""brainldm.export: ONNX / TensorRT export of decoders, UNet and VAE into a runtime bundle."""

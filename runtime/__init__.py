@@ -1,0 +1,1 @@
+"""brainldm.runtime: the lean reconstruction runtime (numpy, onnxruntime, Pillow; no torch)."""

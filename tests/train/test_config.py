@@ -1,0 +1,50 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from brainldm.train.config import ConfigError, config_to_dict, from_dict, load_config
+
+
+@dataclass(frozen=True)
+class Inner:
+    labels: tuple[int, ...]
+    atlas: str = "prf-visualrois"
+
+
+@dataclass(frozen=True)
+class Outer:
+    seed: int
+    rate: float = 0.5
+    rois: dict[str, Inner] = field(default_factory=dict)
+    note: str | None = None
+
+
+def test_nested_conversion_and_roundtrip():
+    cfg = from_dict(Outer, {"seed": 3, "rate": 1, "rois": {"V1": {"labels": [1, 2]}}})
+    assert cfg.rate == 1.0 and isinstance(cfg.rate, float)
+    assert cfg.rois["V1"] == Inner(labels=(1, 2))
+    assert config_to_dict(cfg) == {"seed": 3, "rate": 1.0, "rois": {"V1": {"labels": [1, 2], "atlas": "prf-visualrois"}}, "note": None}
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="seeed"):
+        from_dict(Outer, {"seeed": 1})
+    with pytest.raises(ConfigError, match=r"rois\.V1.*lables"):
+        from_dict(Outer, {"seed": 1, "rois": {"V1": {"lables": [1]}}})
+
+
+def test_missing_and_wrong_type():
+    with pytest.raises(ConfigError, match="missing required"):
+        from_dict(Outer, {})
+    with pytest.raises(ConfigError, match="expected int"):
+        from_dict(Outer, {"seed": "x"})
+
+
+def test_load_config_from_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("stage:\n  seed: 7\n")
+    assert load_config(Outer, "stage", path).seed == 7
+    with pytest.raises(ConfigError, match="missing section 'other'"):
+        load_config(Outer, "other", path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, "stage", tmp_path / "nope.yaml")

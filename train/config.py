@@ -1,0 +1,104 @@
+"""Stage configuration: one frozen dataclass per stage, loaded from its ``params.yaml`` section.
+
+Unknown keys are errors (a typo in params.yaml must not silently fall back to a
+default); nested dataclasses, tuples and ``dict[str, Dataclass]`` fields are
+supported. The resolved config (``config_to_dict``) is saved inside every
+checkpoint, metrics file and bundle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params section does not match its stage's config dataclass."""
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read a params YAML file into a dict (clear error when missing or malformed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path} (expected a YAML file with one section per stage)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], section: str, path: str | Path = DEFAULT_PARAMS) -> T:
+    """Build ``cls`` (a frozen dataclass) from section ``section`` of the params file."""
+    params = load_params(path)
+    if section not in params:
+        raise ConfigError(f"{path}: missing section '{section}' (needed by {cls.__name__})")
+    return from_dict(cls, params[section], where=section)
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Recursively convert plain data into dataclass ``cls``; unknown keys raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing} for {cls.__name__}")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(non_none[0], value, where) if len(non_none) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        val_tp = args[1] if len(args) == 2 else Any
+        return {k: _convert(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON-serialisable data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_to_json(config: Any) -> str:
+    """The resolved config as a canonical JSON string (sorted keys)."""
+    return json.dumps(config_to_dict(config), sort_keys=True)
