@@ -17,7 +17,11 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
 fi
 echo "setting up $venv (pinned dependencies from requirements/constraints.txt) ..." >&2
 "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --upgrade "pip==25.3" "setuptools==80.9.0" wheel
+pip_install() {
+    # Mirrors configured as extra indexes warn about every package they lack: keep real errors only.
+    "$venv/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
 # torch is pinned to 2.13.0 (the CPU build); the constraints file pins everything else.
-"$venv/bin/python" -m pip install --quiet -c requirements/constraints.txt -e ".[train,dev]"
+pip_install -c requirements/constraints.txt -e ".[train,dev]"
 echo "$wanted" > "$stamp"

@@ -1,0 +1,95 @@
+import dataclasses
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from brainldm.train import reconstruct as rc
+from tests.tiny_models import LATENT_CHANNELS, TEXT_WIDTH, save_tiny_pipeline
+
+N_TEST, T = 3, 5
+
+
+def _write_inputs(root, z_channels=LATENT_CHANNELS, c_index_shift=0):
+    rng = np.random.default_rng(0)
+    index = np.arange(10, 10 + N_TEST)
+    for name, pred in (("gcn-z", rng.standard_normal((N_TEST, z_channels, 4, 4))),
+                       ("cnn-c", rng.standard_normal((N_TEST, T, TEXT_WIDTH)))):
+        path = root / "decode" / "ds" / f"{name}.h5"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            f["pred"] = pred.astype(np.float32)
+            f["image_index"] = index + (c_index_shift if name == "cnn-c" else 0)
+    (root / "targets").mkdir(exist_ok=True)
+    with h5py.File(root / "targets" / "ds.h5", "w") as f:
+        f["uncond"] = rng.standard_normal((T, TEXT_WIDTH)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("model") / "ldm")
+
+
+def _config(root, model_dir, **overrides):
+    cfg = rc.ReconstructConfig(
+        model=str(model_dir), pairs={"ours": rc.PairConfig(z="gcn-z", c="cnn-c")}, samples=2, steps=10,
+        batch_size=4, decode_dir=str(root / "decode"), targets_dir=str(root / "targets"), out_dir=str(root / "out"),
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def _images(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_writes_all_items_and_samples_deterministically(tmp_path, model_dir):
+    _write_inputs(tmp_path)
+    out = rc.run(_config(tmp_path, model_dir), "ds", "ours")
+    first = _images(out)
+    assert sorted(first) == [f"item{i:04d}_s{s}.png" for i in range(N_TEST) for s in range(2)]
+    assert next(iter(first.values())).shape == (16, 16, 3)
+    index = (out / "index.csv").read_text().splitlines()
+    assert index[0] == "test_item,image_index,sample,file" and index[1] == "0,10,0,item0000_s0.png"
+    again = _images(rc.run(_config(tmp_path, model_dir), "ds", "ours"))
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+
+
+def test_batch_composition_does_not_change_images(tmp_path, model_dir):
+    _write_inputs(tmp_path)
+    one = _images(rc.run(_config(tmp_path, model_dir, batch_size=1, out_dir=str(tmp_path / "a")), "ds", "ours"))
+    many = _images(rc.run(_config(tmp_path, model_dir, batch_size=6, out_dir=str(tmp_path / "b")), "ds", "ours"))
+    assert max(np.abs(one[k].astype(int) - many[k].astype(int)).max() for k in one) <= 1
+
+
+def test_seed_changes_images_and_samples_differ(tmp_path, model_dir):
+    _write_inputs(tmp_path)
+    a = _images(rc.run(_config(tmp_path, model_dir), "ds", "ours"))
+    b = _images(rc.run(_config(tmp_path, model_dir, seed=7, out_dir=str(tmp_path / "b")), "ds", "ours"))
+    assert not np.array_equal(a["item0000_s0.png"], b["item0000_s0.png"])
+    assert not np.array_equal(a["item0000_s0.png"], a["item0000_s1.png"])
+
+
+def test_given_noise_is_used(model_dir):
+    pipe = rc.load_reference_pipeline(model_dir)
+    cfg = rc.ReconstructConfig(steps=10, strength=1.0, guidance=1.0, encode_mode="mean")
+    z = np.zeros((1, LATENT_CHANNELS, 4, 4), np.float32)
+    c = np.zeros((1, T, TEXT_WIDTH), np.float32)
+    first = rc.reconstruct_batch(pipe, z, c, c[0], np.array([0]), np.array([0]), cfg)
+    second = rc.reconstruct_batch(pipe, z, c, c[0], np.array([1]), np.array([0]), cfg)
+    assert first.shape == (1, 16, 16, 3) and 0 <= first.min() and first.max() <= 1
+    assert np.abs(first - second).max() > 1e-3
+
+
+def test_bad_inputs_give_clear_errors_and_no_output(tmp_path, model_dir):
+    _write_inputs(tmp_path, z_channels=3)
+    with pytest.raises(rc.ReconstructError, match="3 channels but the model's VAE expects 4"):
+        rc.run(_config(tmp_path, model_dir), "ds", "ours")
+    _write_inputs(tmp_path, c_index_shift=1)
+    with pytest.raises(rc.ReconstructError, match="different test images"):
+        rc.run(_config(tmp_path, model_dir), "ds", "ours")
+    with pytest.raises(rc.ReconstructError, match="missing predictions"):
+        rc.run(_config(tmp_path, model_dir), "other", "ours")
+    with pytest.raises(rc.ConfigError, match="unknown pair"):
+        rc.run(_config(tmp_path, model_dir), "ds", "nope")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
