@@ -257,6 +257,11 @@ def write_prepared(path: Path, name: str, config: PrepareConfig, result: Prepare
             f[f"rois/{roi}/voxel_ids"] = raw.voxel_ids[cols].astype(np.int64)
             f[f"rois/{roi}/columns"] = cols.astype(np.int64)
         f["norm/sessions"], f["norm/mean"], f["norm/std"] = stats.sessions, stats.mean, stats.std
+        # Raw test trials let the runtime (and the parity stage) start where a user starts: from betas.
+        test_trials = np.flatnonzero(raw.image_is_test[raw.trial_image])
+        f["raw_test/betas"] = raw.betas[test_trials].astype(np.float32)
+        f["raw_test/session"] = raw.trial_session[test_trials].astype(np.int64)
+        f["raw_test/image_index"] = raw.trial_image[test_trials].astype(np.int64)
         f["norm/voxel_ids"] = raw.voxel_ids.astype(np.int64)
         f["graph/edge_index"] = graph.edge_index.astype(np.int64)
         f["graph/edge_weight"] = graph.edge_weight.astype(np.float32)

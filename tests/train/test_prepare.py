@@ -189,3 +189,16 @@ def test_roi_spec_must_fit_the_source(tmp_path, nsd_fx):
     ds["rois"] = {"V1": {"columns": ["V1"]}}
     with pytest.raises(ValueError, match=r"ROI 'V1': a nsd ROI is given by atlas \+ labels"):
         prepare.load_raw(from_dict(prepare.DatasetConfig, ds))
+
+
+def test_raw_test_trials_reproduce_the_test_split(tmp_path, nsd_fx):
+    """The runtime's path (raw betas -> session z-score -> average repeats) gives the test split."""
+    f = read_all(run(tmp_path, "n", nsd_root=nsd_fx.root))
+    sessions = f["norm/sessions"].tolist()
+    rows = [sessions.index(s) for s in f["raw_test/session"]]
+    z = (f["raw_test/betas"] - f["norm/mean"][rows]) / f["norm/std"][rows]
+    cols = f["rois/V1/columns"]
+    for k, image in enumerate(f["splits/test/image_index"]):
+        expected = z[f["raw_test/image_index"] == image][:, cols].mean(axis=0)
+        np.testing.assert_allclose(f["splits/test/rois/V1"][k], expected, rtol=1e-5, atol=1e-5)
+    assert set(f["raw_test/image_index"].tolist()) == set(f["splits/test/image_index"].tolist())
