@@ -48,3 +48,11 @@ def test_load_config_from_file(tmp_path):
         load_config(Outer, "other", path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, "stage", tmp_path / "nope.yaml")
+
+
+def test_float_fields_accept_yaml_exponents_and_reject_text():
+    assert from_dict(Outer, {"seed": 1, "rate": "1e-3"}).rate == 1e-3
+    with pytest.raises(ConfigError, match="rate: expected a number"):
+        from_dict(Outer, {"seed": 1, "rate": "fast"})
+    with pytest.raises(ConfigError, match="rate: expected a number"):
+        from_dict(Outer, {"seed": 1, "rate": [1]})
