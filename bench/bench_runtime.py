@@ -1,0 +1,449 @@
+"""Benchmark: the lean runtime (bundle + onnxruntime/TensorRT) vs the diffusers reference path.
+
+Both sides reconstruct the same batch of raw-beta items with the same model, steps,
+strength, guidance and seeded noise. Each side runs in its own subprocess, so peak
+RSS (``getrusage``) and cold start (imports + model/bundle load) are its own. Reported
+per side: images/s, per-stage seconds per batch (decoders, UNet loop, VAE encode +
+decodes, the rest = preprocessing, DDIM, noise), peak RSS, cold start; and the
+runtime/reference ratios.
+
+    python bench/bench_runtime.py                       # CPU fp32: small-LDM architecture, random weights
+    python bench/bench_runtime.py --model tiny          # CPU fp32: the tests' tiny model
+    python bench/bench_runtime.py --bundle bundles/sim-nsd-ours --batch 4 --threads 2
+    python bench/bench_runtime.py --gpu                  # SD v1.4 architecture, random weights, 512 px fp16
+
+``--gpu`` builds SD v1.4's UNet and VAE from their configs (written below; no download)
+with random weights, exports a bundle (fp32 + fp16 graphs, TensorRT engines when
+tensorrt is importable), then times the fp16 reference (diffusers on CUDA) and every
+available runtime backend at batch 1, 4 and 16, reporting images/s and the achieved
+TFLOP/s (FLOPs counted with torch's FlopCounterMode) against the GPU's peak.
+Writes bench/results/runtime.json (one entry per mode, merged with earlier runs).
+Peak RSS is VmHWM of the worker process (its own address space).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests.tiny_models / tests.export.tiny_bundle (the tiny CPU fixture)
+DEFAULT_OUT = REPO / "bench" / "results" / "runtime.json"
+STAGES = ("decoders", "unet", "vae")
+GPU_BATCHES = (1, 4, 16)
+GPU_RESOLUTION = 512
+GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, matched by device-name substring.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.1))
+SD14_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
+    "freq_shift": 0, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                          "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 768, "attention_head_dim": 8,
+}
+SD14_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512, "layers_per_block": 2,
+    "act_fn": "silu", "norm_num_groups": 32, "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "scaling_factor": 0.18215,
+}
+SD14_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+                  "set_alpha_to_one": False, "steps_offset": 1}
+SD_TEXT_SHAPE = (77, 768)
+GPU_N_VOXELS = 256
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM belongs to the address space, so unlike getrusage's ru_maxrss
+    it does not inherit the peak of the (larger) parent that spawned the worker."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_inputs(bundle: Path, batch: int, seed: int = 0):
+    """``batch`` raw-beta items (one trial each) drawn around the bundle's first session's statistics."""
+    import numpy as np
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    mean = np.load(bundle / manifest["normalisation"]["mean"])[0]
+    std = np.load(bundle / manifest["normalisation"]["std"])[0]
+    rng = np.random.default_rng(seed)
+    betas = (mean + std * rng.standard_normal((batch, len(mean)))).astype(np.float32)
+    return manifest, betas, np.full(batch, manifest["input"]["sessions"][0], np.int64)
+
+
+class Timers:
+    """Accumulated seconds per stage; ``sync`` makes GPU work finish inside the timed span."""
+
+    def __init__(self, sync=None):
+        self.seconds = {s: 0.0 for s in STAGES}
+        self.sync = sync or (lambda: None)
+
+    def wrap(self, stage: str, fn):
+        def timed(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[stage] += time.perf_counter() - start
+            return out
+        return timed
+
+
+def _summary(timers: Timers, total: float, repeats: int, batch: int, cold: float) -> dict:
+    stages = {k: v / repeats for k, v in timers.seconds.items()}
+    stages["other"] = total / repeats - sum(stages.values())
+    return {"batch": batch, "seconds_per_batch": total / repeats, "images_per_s": batch * repeats / total,
+            "stage_seconds_per_batch": stages, "cold_start_s": cold, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_runtime(args) -> dict:
+    """One side of the benchmark in this process: the lean runtime."""
+    start = time.perf_counter()
+    from brainldm.runtime.reconstructor import Reconstructor
+
+    rec = Reconstructor(args.bundle, backend=args.backend, threads=args.threads, fp16=args.fp16)
+    cold = time.perf_counter() - start
+    timers = Timers()
+    stage_of = {"z_decoder": "decoders", "c_decoder": "decoders", "unet": "unet", "vae_decoder": "vae",
+                "vae_encoder": "vae"}
+    for name, model in rec.models.items():
+        model.run = timers.wrap(stage_of[name], model.run)
+    results = {}
+    for batch in args.batches:
+        manifest, betas, session = bench_inputs(Path(args.bundle), batch)
+        import numpy as np
+
+        def one():
+            decoded = rec.decode(betas, session)
+            items = np.arange(batch)
+            return rec.generate(decoded.z, decoded.c, items, np.zeros(batch, np.int64), manifest["generation"]["seed"])
+
+        one()  # warm-up (ORT/TensorRT allocations, kernel selection)
+        timers.seconds = dict.fromkeys(STAGES, 0.0)
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            one()
+        results[str(batch)] = _summary(timers, time.perf_counter() - t0, args.repeats, batch, cold)
+    return results
+
+
+def worker_reference(args) -> dict:
+    """The other side: torch decoders + diffusers img2img (train/reconstruct.py's arithmetic)."""
+    start = time.perf_counter()
+    import numpy as np
+    import torch
+
+    from brainldm.train import decoders
+    from brainldm.train.reconstruct import ReconstructConfig, reconstruct_batch
+
+    torch.set_num_threads(max(args.threads, 1))
+    manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
+    device = "cuda" if args.gpu else "cpu"
+    dtype = torch.float16 if args.gpu else torch.float32
+    pipe = _reference_pipe(manifest["image_model"]["source"], device, dtype)
+    models_dir = Path(manifest["config"]["export"]["models_dir"]) / manifest["dataset"]
+    predictors = {k: decoders.load_checkpoint(models_dir / f"{d['name']}.safetensors").predictor().to(device)
+                  for k, d in manifest["decoders"].items()}
+    cold = time.perf_counter() - start
+    sync = torch.cuda.synchronize if args.gpu else None
+    timers = Timers(sync)
+    for k in predictors:
+        predictors[k].forward = timers.wrap("decoders", predictors[k].forward)
+    pipe.unet.forward = timers.wrap("unet", pipe.unet.forward)
+    pipe.vae.decode = timers.wrap("vae", pipe.vae.decode)
+    pipe.vae.encode = timers.wrap("vae", pipe.vae.encode)
+    g = manifest["generation"]
+    cfg = ReconstructConfig(steps=g["steps"], strength=g["strength"], guidance=g["guidance"], seed=g["seed"],
+                            encode_mode=g["encode_mode"], resolution=manifest["image_model"]["resolution"])
+    uncond = np.load(Path(args.bundle) / manifest["uncond"])
+    results = {}
+    for batch in args.batches:
+        _, betas, _ = bench_inputs(Path(args.bundle), batch)
+        mean = np.load(Path(args.bundle) / manifest["normalisation"]["mean"])[0]
+        std = np.load(Path(args.bundle) / manifest["normalisation"]["std"])[0]
+        x = (betas - mean) / std
+        columns = {k: np.load(Path(args.bundle) / d["columns"]) for k, d in manifest["decoders"].items()}
+
+        @torch.no_grad()
+        def one():
+            pred = {k: p(torch.from_numpy(np.ascontiguousarray(x[:, columns[k]])).to(device)).float().cpu().numpy()
+                    for k, p in predictors.items()}
+            items = np.arange(batch)
+            if args.gpu:
+                return _reference_gpu(pipe, pred["z"], pred["c"], uncond, items, cfg)
+            return reconstruct_batch(pipe, pred["z"], pred["c"], uncond, items, np.zeros(batch, np.int64), cfg)
+
+        one()
+        timers.seconds = dict.fromkeys(STAGES, 0.0)
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            one()
+        results[str(batch)] = _summary(timers, time.perf_counter() - t0, args.repeats, batch, cold)
+        if args.gpu:
+            results[str(batch)]["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
+    return results
+
+
+def _reference_pipe(model: str, device: str, dtype):
+    from diffusers import DDIMScheduler
+
+    from brainldm.train.image_model import load_image_model
+    from brainldm.train.reconstruct import GivenNoiseImg2ImgPipeline
+
+    base = load_image_model(model, device=device, dtype=dtype)
+    components = dict(base.components)
+    components["scheduler"] = DDIMScheduler.from_config(base.scheduler.config)
+    pipe = GivenNoiseImg2ImgPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _reference_gpu(pipe, z, c, uncond, items, cfg):
+    """reconstruct_batch's steps with tensors on the pipeline's device and dtype (fp16 on CUDA)."""
+    import numpy as np
+    import torch
+
+    from brainldm.train.reconstruct import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise
+
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    shape = z.shape[1:]
+
+    def noise(stream):
+        return torch.from_numpy(np.stack([numpy_noise(cfg.seed, int(i), 0, stream, shape) for i in items])).to(
+            device, dtype)
+
+    scaling = pipe.vae.config.scaling_factor
+    image = pipe.vae.decode(torch.from_numpy(z).to(device, dtype) / scaling).sample.clamp(-1, 1)
+    posterior = pipe.vae.encode(image).latent_dist
+    latents = (posterior.mean + posterior.std * noise(NOISE_STREAM_POSTERIOR)) * scaling
+    pipe.given_noise = noise(NOISE_STREAM_DIFFUSION)
+    c_t = torch.from_numpy(c).to(device, dtype)
+    out = pipe(image=latents, prompt_embeds=c_t, negative_prompt_embeds=torch.from_numpy(uncond).to(device, dtype)
+               .expand_as(c_t).contiguous(), strength=cfg.strength, num_inference_steps=cfg.steps,
+               guidance_scale=cfg.guidance, eta=0.0, output_type="np")
+    return np.asarray(out.images, np.float32)
+
+
+def run_worker(side: str, args, extra: list[str]) -> dict:
+    """Run one side in a fresh interpreter; returns its JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--worker", side, "--bundle", str(args.bundle), "--threads",
+               str(args.threads), "--repeats", str(args.repeats), "--json-out", str(out),
+               "--batches", *map(str, args.batches), *extra]
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())
+
+
+def ratios(runtime: dict, reference: dict) -> dict:
+    """runtime / reference per batch: throughput (higher is better), RSS and cold start (lower is better)."""
+    out = {}
+    for batch, r in runtime.items():
+        ref = reference[batch]
+        out[batch] = {"images_per_s": r["images_per_s"] / ref["images_per_s"],
+                      "peak_rss": r["peak_rss_mb"] / ref["peak_rss_mb"],
+                      "cold_start": r["cold_start_s"] / ref["cold_start_s"]}
+    return out
+
+
+def tiny_bundle(root: Path, steps: int) -> Path:
+    """The test suite's tiny model and decoders exported to a bundle (CPU benchmark fallback)."""
+    import dataclasses
+
+    from brainldm.export.export import build_bundle
+    from tests.export.tiny_bundle import DATASET, PAIR, make_configs
+
+    ecfg, rc = make_configs(root)
+    return build_bundle(ecfg, dataclasses.replace(rc, steps=steps), DATASET, PAIR)
+
+
+def merge_results(path: Path, key: str, entry: dict) -> None:
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from brainldm.runtime.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(results, indent=1, sort_keys=True))
+
+
+def main_cpu(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.bundle is None:
+            build = tiny_bundle if args.model == "tiny" else build_small_ldm_bundle
+            args.bundle = build(Path(tmp), args.steps)
+        reference = run_worker("reference", args, [])
+        runtime = run_worker("runtime", args, ["--backend", "ort-cpu"])
+        manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
+    entry = {"model": manifest["image_model"]["source"], "resolution": manifest["image_model"]["resolution"],
+             "generation": manifest["generation"], "threads": args.threads, "repeats": args.repeats,
+             "reference": reference, "runtime_ort_cpu": runtime, "ratio_runtime_over_reference": ratios(runtime, reference)}
+    for batch, r in entry["ratio_runtime_over_reference"].items():
+        print(f"batch {batch}: runtime {runtime[batch]['images_per_s']:.2f} img/s vs reference "
+              f"{reference[batch]['images_per_s']:.2f} img/s (x{r['images_per_s']:.2f}); peak RSS "
+              f"{runtime[batch]['peak_rss_mb']:.0f} vs {reference[batch]['peak_rss_mb']:.0f} MB; cold start "
+              f"{runtime[batch]['cold_start_s']:.2f} vs {reference[batch]['cold_start_s']:.2f} s")
+    return entry
+
+
+def random_bundle(root: Path, name: str, vae, unet, steps: int, **export_overrides) -> Path:
+    """Save (vae, unet) with random weights as a diffusers folder, add linear decoders, a one-session
+    prepared file and targets, and export the pair (name, name) of dataset "bench"."""
+    import h5py
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from brainldm.export.export import ExportConfig, build_bundle
+    from brainldm.train import decoders
+    from brainldm.train.reconstruct import PairConfig, ReconstructConfig
+    from tests.tiny_models import _tiny_tokenizer
+
+    width = int(unet.config.cross_attention_dim)
+    # the text encoder is never run (c comes from the decoders); it only completes the folder layout
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=SD_TEXT_SHAPE[0]))
+    StableDiffusionImg2ImgPipeline(
+        vae=vae, text_encoder=text, tokenizer=_tiny_tokenizer(CLIPTokenizer), unet=unet,
+        scheduler=DDIMScheduler(**SD14_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).save_pretrained(root / name, safe_serialization=True)
+    side = int(unet.config.sample_size)
+    for key, shape in {"z": (4, side, side), "c": (SD_TEXT_SHAPE[0], width)}.items():
+        spec = decoders.DecoderSpec("ridge", key, shape, ("A",), (GPU_N_VOXELS,), {})
+        decoders.save_checkpoint(root / "decoders" / "bench" / f"{name}-{key}.safetensors", spec,
+                                 decoders.build_decoder(spec), torch.zeros(spec.out_dim),
+                                 torch.full((spec.out_dim,), 0.1), "{}")
+    (root / "prepared").mkdir()
+    with h5py.File(root / "prepared" / "bench.h5", "w") as f:
+        f.attrs.update(dataset="bench", subject="random", source="none")
+        f["rois/A/columns"] = np.arange(GPU_N_VOXELS)
+        f["norm/sessions"], f["norm/voxel_ids"] = np.array([1]), np.arange(GPU_N_VOXELS)
+        f["norm/mean"], f["norm/std"] = np.zeros((1, GPU_N_VOXELS), np.float32), np.ones((1, GPU_N_VOXELS), np.float32)
+    (root / "targets").mkdir()
+    with h5py.File(root / "targets" / "bench.h5", "w") as f:
+        f["uncond"] = np.random.default_rng(0).standard_normal((SD_TEXT_SHAPE[0], width)).astype(np.float32)
+    ecfg = ExportConfig(prepared_dir=str(root / "prepared"), targets_dir=str(root / "targets"),
+                        models_dir=str(root / "decoders"), out_dir=str(root / "bundles"), check_batch=1,
+                        **export_overrides)
+    rc = ReconstructConfig(model=str(root / name), pairs={name: PairConfig(z=f"{name}-z", c=f"{name}-c")},
+                           samples=1, steps=steps, seed=0)
+    return build_bundle(ecfg, rc, "bench", name)
+
+
+def build_sd14_bundle(root: Path, steps: int) -> Path:
+    """SD v1.4 architecture (random weights) at 512 px, exported with fp16 graphs and TensorRT engines."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    # random weights give larger activations than trained ones: the graph checks use loose bounds here
+    return random_bundle(root, "sd14", AutoencoderKL(**SD14_VAE), UNet2DConditionModel(**SD14_UNET), steps,
+                         fp16=True, trt_batch_sizes=GPU_BATCHES, unet_atol=1e-2, vae_atol=1e-2, fp16_atol=1.0)
+
+
+def build_small_ldm_bundle(root: Path, steps: int) -> Path:
+    """The project's default small LDM architecture (train_ldm defaults, 64 px) with random weights."""
+    import torch
+
+    from brainldm.train.train_ldm import TrainLdmConfig, build_models
+
+    torch.manual_seed(0)
+    vae, _, unet = build_models(TrainLdmConfig(), vocab_size=1000, bos=0, eos=1)
+    return random_bundle(root, "small-ldm", vae, unet, steps, tensorrt=False)
+
+
+def flops_per_image(steps: int, strength: float) -> dict:
+    """FLOPs of one reconstruction at 512 px (meta tensors: counted, not computed)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**SD14_UNET), AutoencoderKL(**SD14_VAE)
+        latent = torch.empty(1, 4, GPU_RESOLUTION // 8, GPU_RESOLUTION // 8)
+        counts = {}
+        for name, call in (("unet", lambda: unet(latent, torch.tensor([1]), torch.empty(1, *SD_TEXT_SHAPE))),
+                           ("vae_decoder", lambda: vae.decode(latent)),
+                           ("vae_encoder", lambda: vae.encode(torch.empty(1, 3, GPU_RESOLUTION, GPU_RESOLUTION)))):
+            with FlopCounterMode(display=False) as counter:
+                call()
+            counts[name] = counter.get_total_flops()
+    unet_calls = 2 * min(int(steps * strength), steps)  # CFG doubles every denoising step
+    counts["per_image"] = unet_calls * counts["unet"] + 2 * counts["vae_decoder"] + counts["vae_encoder"]
+    return counts
+
+
+def main_gpu(args) -> dict:
+    import torch
+
+    device = torch.cuda.get_device_name(0)
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS if k in device), None)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-runtime-gpu-"))
+    args.bundle, args.batches = build_sd14_bundle(root, args.steps), list(GPU_BATCHES)
+    flops = flops_per_image(args.steps, 0.8)
+    entry = {"device": device, "peak_tflops_fp16_dense": peak, "flops": flops, "resolution": GPU_RESOLUTION,
+             "steps": args.steps, "reference_fp16": run_worker("reference", args, ["--gpu"])}
+    for backend in GPU_BACKENDS:
+        try:
+            entry[f"runtime_{backend}"] = run_worker("runtime", args, ["--backend", backend] +
+                                                     (["--fp16"] if backend == "ort-cuda" else []))
+        except subprocess.CalledProcessError as exc:
+            entry[f"runtime_{backend}"] = {"error": f"worker failed with exit code {exc.returncode}"}
+    for side in [k for k in entry if k.startswith(("reference", "runtime"))]:
+        for batch, r in entry[side].items() if "error" not in entry[side] else ():
+            r["achieved_tflops"] = r["images_per_s"] * flops["per_image"] / 1e12
+            r["fraction_of_peak"] = r["achieved_tflops"] / peak if peak else None
+            print(f"{side} batch {batch}: {r['images_per_s']:.2f} img/s, {r['achieved_tflops']:.1f} TFLOP/s")
+    return entry
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=None, help="bundle to benchmark (CPU mode; default: tiny model)")
+    parser.add_argument("--model", choices=("tiny", "small-ldm"), default="small-ldm",
+                        help="CPU mode without --bundle: the tests' tiny model or the default small LDM's "
+                             "architecture (64 px), random weights")
+    parser.add_argument("--batches", type=int, nargs="+", default=[4], help="batch sizes (CPU mode)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the tiny/GPU bundle built here")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each side (torch and onnxruntime)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed batches after one warm-up")
+    parser.add_argument("--gpu", action="store_true", help="SD v1.4 architecture at 512 px fp16 on CUDA")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak (default: from the device name)")
+    parser.add_argument("--workdir", default=None, help="GPU mode: where the model and bundle are built")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--worker", choices=("runtime", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="ort-cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        result = (worker_runtime if args.worker == "runtime" else worker_reference)(args)
+        args.json_out.write_text(json.dumps(result))
+        return 0
+    entry = main_gpu(args) if args.gpu else main_cpu(args)
+    key = "gpu_sd14_512_fp16" if args.gpu else f"cpu_{Path(entry['model']).name}_threads{args.threads}"
+    key = key.replace("cpu_ldm_", "cpu_tiny_")  # the tests' tiny model is saved as "ldm"
+    merge_results(args.out, key, entry)
+    print(f"wrote {args.out} [{key}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Stage `export`: one (dataset, decoder pair) -> a self-contained runtime bundle.
+
+The bundle (``<out_dir>/<dataset>-<pair>/``, written atomically as one folder) holds
+ONNX graphs of the pair's z- and c-decoders, the UNet and both VAE halves, every
+array the runtime needs (normalisation statistics, decoder input columns, the
+empty-prompt text states, diffusers' alphas_cumprod) and ``manifest.json`` with the
+generation settings and the sha256 of every file. Generation settings (steps,
+strength, guidance, samples, seed, encode_mode, resolution, image model, pairs) are
+read from the params section ``reconstruct``, so the bundle reproduces exactly the
+reference reconstruction; section ``export`` holds what is specific to exporting.
+
+Layout::
+
+    manifest.json
+    models/{z_decoder,c_decoder,unet,vae_decoder,vae_encoder}.onnx   (+ .onnx.data > 2 GB)
+    models/{unet,vae_decoder,vae_encoder}.fp16.onnx                  (export.fp16; fp16 inputs/outputs)
+    arrays/{voxel_ids,norm_sessions,norm_mean,norm_std,columns_z,columns_c,uncond,alphas_cumprod}.npy
+    tensorrt/<trt version>_<gpu name>/*.plan                         (tensorrt importable)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from brainldm.export import onnx_models, tensorrt_engines
+from brainldm.runtime.atomic import atomic_path
+from brainldm.train import decoders
+from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.reconstruct import PairConfig, ReconstructConfig, load_reference_pipeline, native_resolution
+
+BUNDLE_FORMAT_VERSION = 1
+MODEL_NAMES = ("z_decoder", "c_decoder", "unet", "vae_decoder", "vae_encoder")
+FP16_MODELS = ("unet", "vae_decoder", "vae_encoder")  # the decoders are small: they stay fp32
+HASH_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Params section `export` (generation settings come from section `reconstruct`)."""
+
+    prepared_dir: str = "data/prepared"
+    targets_dir: str = "data/targets"
+    models_dir: str = "models/decoders"
+    out_dir: str = "bundles"
+    opset: int = 18
+    fp16: bool = False  # also write *.fp16.onnx of the UNet and VAE (fp16 IO)
+    tensorrt: bool = True  # build fp16 engines when the tensorrt module is importable
+    trt_batch_sizes: tuple[int, ...] = (1, 4, 16)  # images per call; the UNet profile doubles them (CFG)
+    check_batch: int = 2  # batch of the fixed random inputs each graph is checked on
+    check_seed: int = 0
+    decoder_atol: float = 1.0e-4
+    unet_atol: float = 1.0e-4
+    vae_atol: float = 3.0e-4
+    fp16_atol: float = 0.1  # sanity bound of fp16 graphs vs fp32 torch (fp16 quality is judged by PSNR)
+
+
+class ExportError(ValueError):
+    """The inputs of the export do not fit together."""
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_prepared(path: Path) -> dict:
+    """Input layout, normalisation, ROI columns and graph of a prepared file (no split data)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prepared dataset not found: {path} (run the prepare stage first)")
+    with h5py.File(path, "r") as f:
+        info = {k: str(f.attrs.get(k, "")) for k in ("dataset", "subject", "source")}
+        info["voxel_ids"] = np.asarray(f["norm/voxel_ids"], np.int64)
+        info["sessions"] = np.asarray(f["norm/sessions"], np.int64)
+        info["mean"] = np.asarray(f["norm/mean"], np.float32)
+        info["std"] = np.asarray(f["norm/std"], np.float32)
+        info["columns"] = {roi: np.asarray(f[f"rois/{roi}/columns"], np.int64) for roi in f["rois"]}
+        info["graph"] = None
+        if "graph" in f:
+            g = f["graph"]
+            info["graph"] = {"edge_index": np.asarray(g["edge_index"]).tolist(),
+                             "edge_weight": np.asarray(g["edge_weight"], np.float64).tolist(),
+                             "node_rois": json.loads(g["node_rois"][()]), "pad_length": int(g.attrs["pad_length"])}
+    return info
+
+
+def decoder_columns(checkpoint: decoders.Checkpoint, columns: dict[str, np.ndarray], where: str) -> np.ndarray:
+    """Columns into the betas layout of the decoder's input voxels: its ROIs' columns in input_rois order."""
+    spec = checkpoint.spec
+    missing = [r for r in spec.input_rois if r not in columns]
+    if missing:
+        raise ExportError(f"{where}: decoder input ROI(s) {missing} are not in the prepared file; "
+                          f"available: {sorted(columns)}")
+    sizes = [len(columns[r]) for r in spec.input_rois]
+    if tuple(sizes) != tuple(spec.roi_sizes):
+        raise ExportError(f"{where}: ROI voxel counts {dict(zip(spec.input_rois, sizes))} differ from the fitted "
+                          f"decoder's {dict(zip(spec.input_rois, spec.roi_sizes))}")
+    return np.concatenate([columns[r] for r in spec.input_rois]).astype(np.int64)
+
+
+def load_pair(cfg: ExportConfig, dataset: str, pair: PairConfig) -> dict[str, decoders.Checkpoint]:
+    """The pair's checkpoints, keyed "z" and "c", with their targets checked."""
+    out = {}
+    for key, name in (("z", pair.z), ("c", pair.c)):
+        checkpoint = decoders.load_checkpoint(Path(cfg.models_dir) / dataset / f"{name}.safetensors")
+        if checkpoint.spec.target != key:
+            raise ExportError(f"decoder '{name}' predicts {checkpoint.spec.target!r} but is the pair's {key!r} decoder")
+        out[key] = checkpoint
+    return out
+
+
+def load_uncond(cfg: ExportConfig, dataset: str, c_shape: tuple[int, ...]) -> np.ndarray:
+    """(T, D) float32 empty-prompt text states of the dataset's targets file."""
+    path = Path(cfg.targets_dir) / f"{dataset}.h5"
+    if not path.is_file():
+        raise FileNotFoundError(f"missing targets file {path} (it holds the unconditional embedding); run targets first")
+    with h5py.File(path, "r") as f:
+        uncond = np.asarray(f["uncond"], np.float32)
+    if uncond.shape != tuple(c_shape):
+        raise ExportError(f"{path}: uncond has shape {uncond.shape}; the c-decoder predicts {tuple(c_shape)}")
+    return uncond
+
+
+def check_z_fits(z_shape: tuple[int, ...], pipe) -> None:
+    """The z-decoder must predict square latents with the VAE's channel count."""
+    channels = int(pipe.vae.config.latent_channels)
+    if len(z_shape) != 3 or z_shape[0] != channels or z_shape[1] != z_shape[2]:
+        raise ExportError(f"the z-decoder predicts {tuple(z_shape)}; the image model needs square latents "
+                          f"({channels}, h, h)")
+
+
+def export_graphs(cfg: ExportConfig, specs: list, models_dir: Path) -> dict[str, dict]:
+    """Export and check each graph; returns name -> {file, dtype, io, parity_max_abs} (paths relative to the bundle)."""
+    models_dir.mkdir()
+    entries = {}
+    for spec in tqdm(specs, desc="export onnx", unit="graph"):
+        path = models_dir / f"{spec.name}.onnx"
+        onnx_models.export_graph(spec, path, cfg.opset)
+        errors = onnx_models.check_graph(spec, path)
+        entries[spec.name] = {"file": f"models/{path.name}", "dtype": "float32", **onnx_models.io_names(path),
+                              "parity_max_abs": errors, "parity_atol": spec.atol}
+        if cfg.fp16 and spec.name in FP16_MODELS:
+            half = models_dir / f"{spec.name}.fp16.onnx"
+            onnx_models.export_fp16(spec, half, cfg.opset)
+            entries[spec.name]["fp16_file"] = f"models/{half.name}"
+            entries[spec.name]["fp16_max_abs_vs_fp32"] = onnx_models.check_graph(spec, half, cfg.fp16_atol)
+    return entries
+
+
+def save_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write each array as ``arrays/<name>.npy``; returns name -> relative path."""
+    folder.mkdir()
+    out = {}
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+        out[name] = f"arrays/{name}.npy"
+    return out
+
+
+def _graph_specs(cfg: ExportConfig, pipe, checkpoints: dict, resolution: int, text_shape) -> list:
+    specs = [onnx_models.decoder_graph(f"{key}_decoder", ck.predictor(), ck.spec.n_voxels, cfg.decoder_atol,
+                                       cfg.check_batch, cfg.check_seed) for key, ck in checkpoints.items()]
+    atols = {"unet": cfg.unet_atol, "vae": cfg.vae_atol}
+    z_side = int(checkpoints["z"].spec.target_shape[-1])
+    return specs + onnx_models.image_model_graphs(pipe, resolution, text_shape, atols, cfg.check_batch, cfg.check_seed,
+                                                  z_side)
+
+
+def _manifest(prepared: dict, rc: ReconstructConfig, pair_name: str, checkpoints: dict, pipe, resolution: int,
+              arrays: dict[str, str], models: dict, trt: dict | None) -> dict:
+    factor = int(pipe.vae_scale_factor)
+    channels = int(pipe.vae.config.latent_channels)
+    scheduler_config = {k: v for k, v in dict(pipe.scheduler.config).items()}
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created_by": {"module": "brainldm.export.export", "torch": torch.__version__,
+                       "onnxruntime": onnx_models.ort.__version__},
+        "dataset": prepared["dataset"], "subject": prepared["subject"], "source": prepared["source"], "pair": pair_name,
+        "input": {"layout": "betas (n, n_voxels) float32 raw responses, columns in voxel_ids order; one session per row",
+                  "voxel_ids": arrays["voxel_ids"], "n_voxels": int(len(prepared["voxel_ids"])),
+                  "sessions": prepared["sessions"].tolist()},
+        "normalisation": {"sessions": arrays["norm_sessions"], "mean": arrays["norm_mean"], "std": arrays["norm_std"],
+                          "formula": "(betas - mean[session]) / std[session], float32; then repeats averaged in float64"},
+        "decoders": {key: {"name": getattr(rc.pairs[pair_name], key), "kind": ck.spec.kind, "model": f"{key}_decoder",
+                           "input_rois": list(ck.spec.input_rois), "columns": arrays[f"columns_{key}"],
+                           "n_inputs": ck.spec.n_voxels, "target_shape": list(ck.spec.target_shape)}
+                     for key, ck in checkpoints.items()},
+        "graph": prepared["graph"],
+        "image_model": {"source": str(rc.model), "latent_shape": [channels, resolution // factor, resolution // factor],
+                        "scaling_factor": float(pipe.vae.config.scaling_factor), "vae_scale_factor": factor,
+                        "resolution": resolution, "native_resolution": native_resolution(pipe),
+                        "text_shape": list(checkpoints["c"].spec.target_shape)},
+        "scheduler": {"config": scheduler_config, "alphas_cumprod": arrays["alphas_cumprod"]},
+        "generation": {"steps": rc.steps, "strength": rc.strength, "guidance": rc.guidance, "samples": rc.samples,
+                       "seed": rc.seed, "encode_mode": rc.encode_mode},
+        "uncond": arrays["uncond"],
+        "models": models,
+        "tensorrt": trt,
+    }
+
+
+def build_bundle(cfg: ExportConfig, rc: ReconstructConfig, dataset: str, pair_name: str) -> Path:
+    """Export the pair ``pair_name`` of ``rc.pairs`` for ``dataset``; returns the bundle folder."""
+    if pair_name not in rc.pairs:
+        raise ConfigError(f"unknown pair '{pair_name}'; configured pairs (reconstruct.pairs): {sorted(rc.pairs)}")
+    if rc.encode_mode not in ("sample", "mean"):
+        raise ConfigError(f"reconstruct.encode_mode must be 'sample' or 'mean', got {rc.encode_mode!r}")
+    # 1. Inputs: prepared layout, decoders, image model, unconditional states.
+    prepared = read_prepared(Path(cfg.prepared_dir) / f"{dataset}.h5")
+    checkpoints = load_pair(cfg, dataset, rc.pairs[pair_name])
+    columns = {k: decoder_columns(ck, prepared["columns"], f"decoder '{getattr(rc.pairs[pair_name], k)}'")
+               for k, ck in checkpoints.items()}
+    uncond = load_uncond(cfg, dataset, checkpoints["c"].spec.target_shape)
+    pipe = load_reference_pipeline(rc.model)
+    resolution = rc.resolution or native_resolution(pipe)
+    check_z_fits(checkpoints["z"].spec.target_shape, pipe)
+    out = Path(cfg.out_dir) / f"{dataset}-{pair_name}"
+    with atomic_path(out, suffix="") as tmp:
+        tmp.mkdir()
+        # 2. Graphs, each checked against torch (raises before anything is renamed into place).
+        models = export_graphs(cfg, _graph_specs(cfg, pipe, checkpoints, resolution, uncond.shape), tmp / "models")
+        # 3. Arrays the runtime needs.
+        arrays = save_arrays(tmp / "arrays", {
+            "voxel_ids": prepared["voxel_ids"], "norm_sessions": prepared["sessions"], "norm_mean": prepared["mean"],
+            "norm_std": prepared["std"], "columns_z": columns["z"], "columns_c": columns["c"], "uncond": uncond,
+            "alphas_cumprod": pipe.scheduler.alphas_cumprod.numpy().astype(np.float32)})
+        # 4. Optional TensorRT engines, then the manifest with every file's hash.
+        sides = (int(checkpoints["z"].spec.target_shape[-1]), resolution // int(pipe.vae_scale_factor))
+        trt = tensorrt_engines.build_all(tmp, models, cfg.trt_batch_sizes, sides) if cfg.tensorrt else None
+        manifest = _manifest(prepared, rc, pair_name, checkpoints, pipe, resolution, arrays, models, trt)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256(p) for p in files}
+        manifest["config"] = {"export": config_to_dict(cfg), "reconstruct": config_to_dict(rc)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--pair", required=True, help="a key of reconstruct.pairs, e.g. ours")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(ExportConfig, "export", args.params)
+        rc = load_config(ReconstructConfig, "reconstruct", args.params)
+        torch.manual_seed(cfg.check_seed)
+        out = build_bundle(cfg, rc, args.dataset, args.pair)
+    except (ValueError, FileNotFoundError, onnx_models.ExportParityError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

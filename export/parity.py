@@ -1,0 +1,192 @@
+"""Stage `parity`: the lean runtime against the PyTorch reference, on the same inputs and noise.
+
+Runtime path: raw test trials (``raw_test/*`` of the prepared file) -> session z-scores
+-> repeats averaged per image -> ONNX decoders -> numpy DDIM img2img on ORT.
+Reference path: the prepared test split -> torch decoders (as the decode stage) ->
+``train.reconstruct.reconstruct_batch`` (diffusers). Both seed their noise per
+(test item, sample) with the same numpy streams. Compared: decoder predictions,
+latents after every DDIM step (fp32 CPU tolerance 1e-4) and final images in [0, 1]
+(max abs 1e-2); fp16 graphs and TensorRT backends are judged by image PSNR instead
+(``psnr_min``), as their per-step latents legitimately drift. The metrics JSON is
+written in any case; a failed check exits non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from brainldm.runtime.atomic import write_text_atomic
+from brainldm.runtime.reconstructor import Reconstructor, to_uint8
+from brainldm.train import decode, decoders
+from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
+
+GENERATION_KEYS = ("steps", "strength", "guidance", "encode_mode")
+LOW_PRECISION_BACKENDS = ("ort-trt", "tensorrt")
+PSNR_CAP_DB = 100.0  # reported for identical images (keeps the JSON finite)
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """Params section `parity` (generation settings and pairs come from section `reconstruct`)."""
+
+    prepared_dir: str = "data/prepared"
+    models_dir: str = "models/decoders"
+    bundles_dir: str = "bundles"
+    results_dir: str = "results/parity"
+    backend: str = "ort-cpu"
+    fp16: bool = False  # ONNX backends: the bundle's fp16 UNet/VAE graphs
+    threads: int = 1
+    items: int = 4  # first test items compared (0 = all)
+    samples: int = 2
+    batch_size: int = 4
+    pred_atol: float = 1.0e-4
+    latent_atol: float = 1.0e-4
+    image_atol: float = 1.0e-2
+    psnr_min: float = 30.0  # fp16 / TensorRT runs are judged by PSNR (dB) of images vs the fp32 reference
+
+
+class ParityError(ValueError):
+    """The runtime disagrees with the reference beyond the tolerances."""
+
+
+class StepRecorder:
+    """Wraps a diffusers scheduler's ``step`` to keep every step's prev_sample (B, C, h, w)."""
+
+    def __init__(self, scheduler):
+        self.steps: list[np.ndarray] = []
+        self._step = scheduler.step
+        scheduler.step = self
+
+    def __call__(self, *args, **kwargs):
+        out = self._step(*args, **kwargs)
+        self.steps.append(out[0].numpy().copy())
+        return out
+
+
+def reference_predictions(cfg: ParityConfig, rc: ReconstructConfig, dataset: str, pair: str) -> dict[str, np.ndarray]:
+    """Torch decoders on the prepared test split: z (n, C, h, w), c (n, T, D), image_index (n,)."""
+    prepared = Path(cfg.prepared_dir) / f"{dataset}.h5"
+    out = {}
+    for key in ("z", "c"):
+        name = getattr(rc.pairs[pair], key)
+        checkpoint = decoders.load_checkpoint(Path(cfg.models_dir) / dataset / f"{name}.safetensors")
+        x, image_index, _ = decode.load_inputs(prepared, "test", checkpoint.spec.input_rois)
+        out[key] = decode.predict(checkpoint, x, cfg.batch_size)
+        out["image_index"] = image_index
+    return out
+
+
+def read_raw_test(prepared: Path) -> dict[str, np.ndarray]:
+    """betas (n, V) float32, session (n,), image_index (n,) int64 of the raw test trials."""
+    with h5py.File(prepared, "r") as f:
+        return {k: np.asarray(f[f"raw_test/{k}"]) for k in ("betas", "session", "image_index")}
+
+
+def compare_generation(rec: Reconstructor, pipe, ref: dict, run: dict, rc: ReconstructConfig, cfg: ParityConfig) -> dict:
+    """Per-batch reference vs runtime generation; returns max abs diffs of step latents and images."""
+    n = len(ref["z"]) if cfg.items <= 0 else min(cfg.items, len(ref["z"]))
+    items, samples = np.divmod(np.arange(n * cfg.samples), cfg.samples)
+    step_errors, image_error, uint8_error, squared = None, 0.0, 0, []
+    for start in range(0, len(items), cfg.batch_size):
+        it, sa = items[start:start + cfg.batch_size], samples[start:start + cfg.batch_size]
+        recorder = StepRecorder(pipe.scheduler)
+        expected = reconstruct_batch(pipe, ref["z"][it], ref["c"][it], rec.bundle.uncond, it, sa, rc)
+        pipe.scheduler.step = recorder._step
+        got_steps: list[np.ndarray] = []
+        got = rec.generate(run["z"][it], run["c"][it], it, sa, rc.seed, on_step=lambda i, t, x: got_steps.append(x))
+        errors = [float(np.abs(a - b).max()) for a, b in zip(recorder.steps, got_steps, strict=True)]
+        step_errors = errors if step_errors is None else np.maximum(step_errors, errors).tolist()
+        image_error = max(image_error, float(np.abs(got - expected).max()))
+        squared.append(((got.astype(np.float64) - expected) ** 2).ravel())
+        uint8_error = max(uint8_error, int(np.abs(to_uint8(got).astype(int) - to_uint8(expected).astype(int)).max()))
+    mse = float(np.concatenate(squared).mean())
+    return {"n_items": int(n), "samples": cfg.samples, "latent_max_abs_per_step": step_errors,
+            "latent_max_abs": float(max(step_errors)), "image_max_abs": image_error, "uint8_max_abs": uint8_error,
+            "image_psnr_db": float(min(10 * np.log10(1.0 / mse), PSNR_CAP_DB)) if mse > 0 else PSNR_CAP_DB}
+
+
+def check_settings(rec: Reconstructor, rc: ReconstructConfig) -> None:
+    """The bundle must have been exported with the reference's generation settings."""
+    differ = {k: (rec.generation[k], getattr(rc, k)) for k in GENERATION_KEYS if rec.generation[k] != getattr(rc, k)}
+    resolution = rc.resolution or rec.bundle.image_model["native_resolution"]
+    if rec.resolution != resolution:
+        differ["resolution"] = (rec.resolution, resolution)
+    if differ:
+        raise ParityError(f"bundle {rec.bundle.root} was exported with other generation settings than params "
+                          f"reconstruct (bundle, params): {differ}; re-run the export stage")
+
+
+def low_precision(cfg: ParityConfig) -> bool:
+    """fp16 graphs or TensorRT (fp16 engines / EP) cannot meet fp32 tolerances: they are judged by PSNR."""
+    return cfg.fp16 or cfg.backend in LOW_PRECISION_BACKENDS
+
+
+def passes(metrics: dict, cfg: ParityConfig) -> bool:
+    """fp32: predictions, step latents and images within their max-abs tolerances; else image PSNR >= psnr_min."""
+    if low_precision(cfg):
+        return bool(metrics["image_psnr_db"] >= cfg.psnr_min)
+    return bool(max(metrics["pred_z_max_abs"], metrics["pred_c_max_abs"]) <= cfg.pred_atol
+                and metrics["latent_max_abs"] <= cfg.latent_atol and metrics["image_max_abs"] <= cfg.image_atol)
+
+
+def run_parity(cfg: ParityConfig, rc: ReconstructConfig, dataset: str, pair: str) -> dict:
+    """Compare runtime and reference; returns the metrics dict (``passed`` says whether all tolerances hold)."""
+    if pair not in rc.pairs:
+        raise ConfigError(f"unknown pair '{pair}'; configured pairs (reconstruct.pairs): {sorted(rc.pairs)}")
+    # 1. Runtime predictions from raw trials; reference predictions from the prepared split.
+    rec = Reconstructor(Path(cfg.bundles_dir) / f"{dataset}-{pair}", backend=cfg.backend, threads=cfg.threads,
+                        fp16=cfg.fp16)
+    check_settings(rec, rc)
+    raw = read_raw_test(Path(cfg.prepared_dir) / f"{dataset}.h5")
+    decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"], cfg.batch_size)
+    ref = reference_predictions(cfg, rc, dataset, pair)
+    if not np.array_equal(decoded.ids, ref["image_index"]):
+        raise ParityError(f"runtime items {decoded.ids.tolist()} (sorted raw_test image indices) differ from the test "
+                          f"split's image_index {ref['image_index'].tolist()}")
+    metrics = {"dataset": dataset, "pair": pair, "backend": cfg.backend,
+               "pred_z_max_abs": float(np.abs(decoded.z - ref["z"]).max()),
+               "pred_c_max_abs": float(np.abs(decoded.c - ref["c"]).max())}
+    # 2. Generation from each side's own predictions, with the same seeded noise.
+    pipe = load_reference_pipeline(rc.model)
+    metrics.update(compare_generation(rec, pipe, ref, {"z": decoded.z, "c": decoded.c}, rc, cfg))
+    metrics["passed"] = passes(metrics, cfg)
+    metrics["tolerances"] = {"pred": cfg.pred_atol, "latent": cfg.latent_atol, "image": cfg.image_atol,
+                             "psnr_min": cfg.psnr_min, "judged_by": "psnr" if low_precision(cfg) else "max_abs"}
+    metrics["config"] = {"parity": config_to_dict(cfg), "reconstruct": config_to_dict(rc)}
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--pair", required=True)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(ParityConfig, "parity", args.params)
+        rc = load_config(ReconstructConfig, "reconstruct", args.params)
+        torch.set_num_threads(max(cfg.threads, 1))
+        metrics = run_parity(cfg, rc, args.dataset, args.pair)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(cfg.results_dir) / f"{args.dataset}-{args.pair}.json"
+    write_text_atomic(out, json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"wrote {out}: latents {metrics['latent_max_abs']:.2e}, images {metrics['image_max_abs']:.2e}, "
+          f"passed={metrics['passed']}")
+    if not metrics["passed"]:
+        print(f"error: runtime/reference parity failed beyond the tolerances {metrics['tolerances']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

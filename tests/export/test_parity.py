@@ -1,0 +1,67 @@
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from brainldm.export import parity
+from brainldm.export.export import build_bundle
+from brainldm.train.config import config_to_dict
+from tests.export.tiny_bundle import DATASET, PAIR, TEST_IMAGES, make_configs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    ecfg, rc = make_configs(root, fp16=True)
+    build_bundle(ecfg, rc, DATASET, PAIR)
+    cfg = parity.ParityConfig(prepared_dir=ecfg.prepared_dir, models_dir=ecfg.models_dir, bundles_dir=ecfg.out_dir,
+                              results_dir=str(root / "results"), items=0, samples=2, batch_size=3)
+    return root, cfg, rc
+
+
+def test_runtime_matches_reference_step_by_step(setup):
+    _, cfg, rc = setup
+    m = parity.run_parity(cfg, rc, DATASET, PAIR)
+    assert m["n_items"] == len(TEST_IMAGES) and m["samples"] == 2
+    assert m["pred_z_max_abs"] <= 1e-5 and m["pred_c_max_abs"] <= 1e-5
+    assert len(m["latent_max_abs_per_step"]) == 8  # strength 0.8 of 10 steps
+    assert m["latent_max_abs"] <= 1e-4
+    assert m["image_max_abs"] <= 1e-2 and m["uint8_max_abs"] <= 1
+    assert m["passed"] is True and m["tolerances"]["judged_by"] == "max_abs"
+    assert m["image_psnr_db"] > 60
+
+
+def test_fp16_graphs_are_judged_by_psnr(setup):
+    _, cfg, rc = setup
+    m = parity.run_parity(dataclasses.replace(cfg, fp16=True, items=2), rc, DATASET, PAIR)
+    assert m["tolerances"]["judged_by"] == "psnr"
+    assert m["latent_max_abs"] > 1e-4  # fp16 cannot meet the fp32 tolerance ...
+    assert cfg.psnr_min <= m["image_psnr_db"] < 90 and m["passed"]  # ... but the images agree
+
+
+def test_stage_writes_metrics_and_refuses_other_settings(setup, tmp_path, capsys):
+    root, cfg, rc = setup
+    params = tmp_path / "params.yaml"
+    sections = {"parity": config_to_dict(cfg) | {"items": 1, "samples": 1}, "reconstruct": config_to_dict(rc)}
+    params.write_text(yaml.safe_dump(sections))
+    assert parity.main(["--params", str(params), "--dataset", DATASET, "--pair", PAIR]) == 0
+    metrics = json.loads((root / "results" / f"{DATASET}-{PAIR}.json").read_text())
+    assert metrics["passed"] and metrics["n_items"] == 1
+    sections["reconstruct"]["guidance"] = 7.5
+    params.write_text(yaml.safe_dump(sections))
+    assert parity.main(["--params", str(params), "--dataset", DATASET, "--pair", PAIR]) == 1
+    assert "other generation settings" in capsys.readouterr().err
+
+
+def test_other_generation_resolution_resizes_like_torch(setup):
+    """resolution 24 px != native 16 px: decode -> numpy bicubic resize -> encode at 6x6 latents."""
+    root, cfg, rc = setup
+    ecfg, _ = make_configs(root)
+    rc24 = dataclasses.replace(rc, resolution=24)
+    bundle = build_bundle(dataclasses.replace(ecfg, out_dir=str(root / "b24")), rc24, DATASET, PAIR)
+    assert json.loads((bundle / "manifest.json").read_text())["image_model"]["latent_shape"] == [4, 6, 6]
+    m = parity.run_parity(dataclasses.replace(cfg, bundles_dir=str(root / "b24"), items=2), rc24, DATASET, PAIR)
+    assert m["latent_max_abs"] <= 1e-4 and m["image_max_abs"] <= 1e-2 and m["passed"]
+    with pytest.raises(parity.ParityError, match="resolution"):
+        parity.run_parity(dataclasses.replace(cfg, bundles_dir=str(root / "b24")), rc, DATASET, PAIR)

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+
+from brainldm.runtime import reconstructor as rr
+from brainldm.runtime.backends import BackendError
+from brainldm.train import reconstruct as reference
+from tests.export.tiny_bundle import TEST_IMAGES, build_tiny_bundle, raw_test
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory):
+    return rr.Reconstructor(build_tiny_bundle(tmp_path_factory.mktemp("rec")), threads=1)
+
+
+@pytest.fixture(scope="module")
+def raw():
+    return raw_test()
+
+
+def test_noise_is_the_references(rec):
+    for args in [(42, 0, 0, 0, (4, 4, 4)), (7, 3, 1, 1, (2, 5))]:
+        np.testing.assert_array_equal(rr.numpy_noise(*args), reference.numpy_noise(*args))
+
+
+def test_shapes_ranges_and_determinism(rec, raw):
+    images = rec.reconstruct(raw["betas"], raw["session"], raw["image_index"], samples=2, seed=1, batch_size=3)
+    floats = rec.reconstruct_float(raw["betas"], raw["session"], raw["image_index"], samples=2, seed=1, batch_size=3)
+    assert images.shape == (len(TEST_IMAGES), 2, 16, 16, 3) and images.dtype == np.uint8
+    assert floats.dtype == np.float32 and 0 <= floats.min() and floats.max() <= 1
+    np.testing.assert_array_equal(images, rr.to_uint8(floats))
+    assert not np.array_equal(images[:, 0], images[:, 1])  # samples differ
+    other_seed = rec.reconstruct(raw["betas"], raw["session"], raw["image_index"], samples=2, seed=2, batch_size=3)
+    assert not np.array_equal(images, other_seed)
+
+
+def test_batch_composition_and_trial_order_do_not_matter(rec, raw):
+    base = rec.reconstruct_float(raw["betas"], raw["session"], raw["image_index"], samples=2, batch_size=8)
+    one = rec.reconstruct_float(raw["betas"], raw["session"], raw["image_index"], samples=2, batch_size=1)
+    perm = np.random.default_rng(0).permutation(len(raw["betas"]))
+    shuffled = rec.reconstruct_float(raw["betas"][perm], raw["session"][perm], raw["image_index"][perm], samples=2,
+                                     batch_size=5)
+    assert np.abs(one - base).max() <= 1e-5 and np.abs(shuffled - base).max() <= 1e-5
+
+
+def test_given_noise_replaces_the_seeded_draws(rec, raw):
+    decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"])
+    items, samples = np.array([0, 3]), np.array([1, 0])
+    seeded = rec.generate(decoded.z[items], decoded.c[items], items, samples, seed=5)
+    shape = (len(TEST_IMAGES), 2) + rec.latent_shape
+    noise = {"posterior": np.zeros(shape, np.float32), "diffusion": np.zeros(shape, np.float32)}
+    for stream, key in ((0, "posterior"), (1, "diffusion")):
+        for i, s in zip(items, samples):
+            noise[key][i, s] = rr.numpy_noise(5, int(i), int(s), stream, rec.latent_shape)
+    np.testing.assert_array_equal(rec.generate(decoded.z[items], decoded.c[items], items, samples, 0, noise), seeded)
+    noise["diffusion"][:] = 0
+    assert not np.allclose(rec.generate(decoded.z[items], decoded.c[items], items, samples, 0, noise), seeded)
+
+
+def test_matches_reference_reconstruct_batch(rec, raw, tmp_path):
+    """Same z, c, items and noise seeds as the reference stage: images agree to 1e-2 (fp32 CPU)."""
+    decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"])
+    pipe = reference.load_reference_pipeline(rec.bundle.manifest["image_model"]["source"])
+    cfg = reference.ReconstructConfig(steps=10, strength=0.8, guidance=5.0, seed=42, encode_mode="sample")
+    items, samples = np.array([0, 1, 2, 3]), np.array([0, 1, 0, 1])
+    expected = reference.reconstruct_batch(pipe, decoded.z[items], decoded.c[items], rec.bundle.uncond, items,
+                                           samples, cfg)
+    got = rec.generate(decoded.z[items], decoded.c[items], items, samples, seed=42)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_unknown_or_unavailable_backend(rec):
+    with pytest.raises(BackendError, match="unknown backend 'gpu'.*ort-cpu"):
+        rr.Reconstructor(rec.bundle.root, backend="gpu")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendError, match="needs onnxruntime's CUDAExecutionProvider"):
+            rr.Reconstructor(rec.bundle.root, backend="ort-cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_runtime_roundtrip_through_ctypes():
+    """The TensorRT backend's ctypes CUDA helper: device name, buffers and copies (no torch involved)."""
+    import torch
+
+    from brainldm.runtime import backends
+
+    cuda = backends.CudaRuntime()
+    assert cuda.device_name() == torch.cuda.get_device_name(0)
+    x = np.random.default_rng(0).standard_normal((3, 4, 8, 8)).astype(np.float32)
+    ptr, y = cuda.malloc(x.nbytes), np.empty_like(x)
+    cuda.copy(ptr, x.ctypes.data, x.nbytes, backends.CUDA_MEMCPY_HOST_TO_DEVICE)
+    cuda.copy(y.ctypes.data, ptr, y.nbytes, backends.CUDA_MEMCPY_DEVICE_TO_HOST)
+    cuda.synchronize()
+    np.testing.assert_array_equal(x, y)
+
+
+def test_io_binding_path_and_static_inputs(rec):
+    """The GPU providers' IO-binding path, exercised on the CPU device: same outputs, static inputs reused."""
+    import onnxruntime as ort
+
+    from brainldm.runtime.backends import OrtModel
+
+    path = rec.bundle.model_path("unet")
+    plain = OrtModel(path, ["CPUExecutionProvider"], ort.SessionOptions(), binding_device=None)
+    bound = OrtModel(path, ["CPUExecutionProvider"], ort.SessionOptions(), binding_device="cpu")
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    feeds = {"sample": rng.standard_normal((2, 4, 4, 4)).astype(np.float32),
+             "timestep": np.array([501, 501], np.float32), "encoder_hidden_states": hidden}
+    static = frozenset({"encoder_hidden_states"})
+    expected = plain.run(feeds)[0]
+    np.testing.assert_array_equal(bound.run(feeds, static)[0], expected)
+    cached = bound.device_inputs["encoder_hidden_states"][1]
+    np.testing.assert_array_equal(bound.run(feeds, static)[0], expected)
+    assert bound.device_inputs["encoder_hidden_states"][1] is cached  # not copied again
+    feeds["encoder_hidden_states"] = hidden.copy()  # a new array object is always sent
+    bound.run(feeds, static)
+    assert bound.device_inputs["encoder_hidden_states"][1] is not cached

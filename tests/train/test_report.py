@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from brainldm.train import report
+
+
+def _write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def results(tmp_path):
+    for dataset in ("a", "b"):
+        for decoder, kind, target, mse in (("ridge-z", "ridge", "z", 0.9), ("gcn-z", "gcn", "z", 0.4)):
+            _write(tmp_path / "decode" / dataset / f"{decoder}.json",
+                   {"kind": kind, "target": target, "mse": mse, "pearson_dim": 0.5, "identification": 0.875})
+        summary = {"mean": 0.61, "sem": 0.01, "ci_low": 0.59, "ci_high": 0.63}
+        _write(tmp_path / "evaluate" / dataset / "metrics.json",
+               {"pairs": {"baseline": {"pixcorr": summary}, "ours": {"pixcorr": dict(summary, mean=0.7)}},
+                "protocol": {"test_images": 60, "samples_per_image": 5}})
+    _write(tmp_path / "parity" / "a-ours.json",
+           {"backend": "ort-cpu", "pred_z_max_abs": 1e-7, "pred_c_max_abs": 2e-8, "latent_max_abs": 1.4e-5,
+            "image_max_abs": 5e-7, "passed": True, "tolerances": {"pred": 1e-4, "latent": 1e-4, "image": 1e-2}})
+    return report.ReportConfig(datasets=("a", "b"), decoders=("ridge-z", "gcn-z"), decode_dir=str(tmp_path / "decode"),
+                               evaluate_dir=str(tmp_path / "evaluate"), parity_dir=str(tmp_path / "parity"),
+                               out=str(tmp_path / "REPORT.md"))
+
+
+def test_report_tables_hold_our_numbers_and_label_theirs(results):
+    text = report.build_report(results)
+    assert "| gcn-z | z | gcn | 0.400 | 0.500 | 87.5% | 0.400 | 0.500 | 87.5% | 0.554 | 0.687 |" in text
+    assert "| ridge-z | z | ridge | 0.900 |" in text and "| 0.754 | 0.743 |" in text
+    assert "| a | ours | 0.700 [0.590, 0.630] |" in text
+    assert "test_images: 60" in text and "theirs" in text
+    assert "| a-ours | ort-cpu | 1.0e-07 | 2.0e-08 | 1.4e-05 | 5.0e-07 | yes |" in text
+
+
+def test_missing_metrics_file_is_named(results, tmp_path):
+    (tmp_path / "decode" / "b" / "gcn-z.json").unlink()
+    with pytest.raises(FileNotFoundError, match="gcn-z.json"):
+        report.build_report(results)

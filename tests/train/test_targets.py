@@ -1,0 +1,130 @@
+"""Stage targets on a tiny prepared file and a tiny SD-v1-shaped model."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from brainldm.train import scenes, targets
+from brainldm.train.image_model import ImageModelError
+from brainldm.train.targets import TargetsConfig, make_targets
+from brainldm.train.tokenizer import build_tokenizer
+from brainldm.train.train_ldm import TextConfig, TrainLdmConfig, UnetConfig, VaeConfig, build_models, save_pipeline
+
+N = 5
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("m") / "ldm"
+    torch.manual_seed(0)
+    tok = build_tokenizer(["a red circle on a grey background", "two blue squares"])
+    cfg = TrainLdmConfig(
+        image_size=32, vae=VaeConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4),
+        text=TextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        unet=UnetConfig(block_out_channels=(8, 16), attention_head_dim=2, norm_num_groups=4),
+    )
+    vae, text, unet = build_models(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
+    vae.register_to_config(scaling_factor=0.5)
+    save_pipeline(folder, vae, text, tok, unet)
+    return folder
+
+
+def write_prepared(folder, captions=None, images=None):
+    images_, caps, _, _ = scenes.generate(N, 3, 24, 2)
+    images = images_ if images is None else images
+    captions = caps if captions is None else captions
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(folder / "toy.h5", "w") as f:
+        f["images"] = images
+        f.create_dataset("captions", data=[json.dumps(c) for c in captions], dtype=h5py.string_dtype())
+    return caps
+
+
+def config(tmp_path, model, **kw):
+    base = dict(model=str(model), resolution=32, batch_size=2, prepared_dir=str(tmp_path / "prep"),
+                targets_dir=str(tmp_path / "targets"))
+    return TargetsConfig(**{**base, **kw})
+
+
+def test_shapes_values_and_determinism(tmp_path, model):
+    caps = write_prepared(tmp_path / "prep")
+    out = make_targets(config(tmp_path, model), "toy")
+    with h5py.File(out) as f:
+        z, c, uncond = f["z"][()], f["c"][()], f["uncond"][()]
+        assert f.attrs["format_version"] == 1 and f.attrs["scaling_factor"] == 0.5
+        assert json.loads(f.attrs["config"])["n_tokens"] == 77
+    assert z.shape == (N, 4, 4, 4) and c.shape == (N, 77, 16) and uncond.shape == (77, 16)
+    assert z.dtype == c.dtype == uncond.dtype == np.float32
+    np.testing.assert_array_equal(c[:, 0], np.broadcast_to(uncond[0], (N, 16)))
+    # c is the mean of the per-caption states.
+    from brainldm.train.image_model import load_image_model
+
+    pipe = load_image_model(model)
+    ids = pipe.tokenizer(caps[2], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expect = pipe.text_encoder(ids).last_hidden_state.mean(0).numpy()
+    np.testing.assert_allclose(c[2, 1:], expect[1:], atol=1e-5)
+    # Same inputs -> same outputs; another batch size changes only float rounding.
+    again = make_targets(config(tmp_path, model, targets_dir=str(tmp_path / "t2")), "toy")
+    other = make_targets(config(tmp_path, model, batch_size=3, targets_dir=str(tmp_path / "t3")), "toy")
+    with h5py.File(again) as f, h5py.File(other) as g:
+        np.testing.assert_array_equal(f["z"][()], z)
+        np.testing.assert_array_equal(f["c"][()], c)
+        np.testing.assert_allclose(g["z"][()], z, atol=1e-5)
+        np.testing.assert_allclose(g["c"][()], c, atol=1e-5)
+
+
+def test_mean_vs_sample_and_fifteen_tokens(tmp_path, model):
+    write_prepared(tmp_path / "prep")
+    mean = make_targets(config(tmp_path, model, latent="mean", n_tokens=15), "toy")
+    with h5py.File(mean) as f:
+        z_mean, c15, u15 = f["z"][()], f["c"][()], f["uncond"][()]
+    full = make_targets(config(tmp_path, model, targets_dir=str(tmp_path / "full")), "toy")
+    with h5py.File(full) as f:
+        z_sample, c77 = f["z"][()], f["c"][()]
+    assert c15.shape == (N, 15, 16) and u15.shape == (15, 16)
+    np.testing.assert_allclose(c15, c77[:, :15], atol=1e-6)  # causal encoder: a prefix of the 77 states
+    assert 1e-4 < np.abs(z_sample - z_mean).max()
+
+
+def test_unknown_words_are_tokenized(tmp_path, model):
+    write_prepared(tmp_path / "prep", captions=[["a zebra-like quux"], ["x"], ["y"], ["é"], ["?!"]])
+    out = make_targets(config(tmp_path, model), "toy")
+    with h5py.File(out) as f:
+        assert np.isfinite(f["c"][()]).all()
+
+
+@pytest.mark.parametrize("captions, match", [
+    ([["a"], [], ["b"], ["c"], ["d"]], r"captions\[1\] must be a non-empty"),
+])
+def test_empty_caption_list_is_an_error(tmp_path, model, captions, match):
+    write_prepared(tmp_path / "prep", captions=captions)
+    with pytest.raises(ValueError, match=match):
+        make_targets(config(tmp_path, model), "toy")
+    assert not (tmp_path / "targets").exists() or not any((tmp_path / "targets").iterdir())
+
+
+def test_bad_inputs(tmp_path, model):
+    with pytest.raises(FileNotFoundError, match="prepared dataset not found"):
+        make_targets(config(tmp_path, model), "toy")
+    write_prepared(tmp_path / "prep")
+    with pytest.raises(ImageModelError, match="model_index.json"):
+        make_targets(config(tmp_path, tmp_path / "no_model"), "toy")
+    with pytest.raises(ValueError, match="latent"):
+        make_targets(config(tmp_path, model, latent="mode"), "toy")
+    write_prepared(tmp_path / "grey", images=np.zeros((N, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"'images' must be \(N, H, W, 3\) uint8"):
+        make_targets(config(tmp_path, model, prepared_dir=str(tmp_path / "grey")), "toy")
+    assert not (tmp_path / "targets").exists() or not any((tmp_path / "targets").iterdir())
+
+
+def test_main_reports_errors(tmp_path, model, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"targets:\n  model: {tmp_path / 'missing'}\n  prepared_dir: {tmp_path}\n")
+    write_prepared(tmp_path)
+    assert targets.main(["--params", str(params), "--dataset", "toy"]) == 1
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""Stage train_ldm on tiny configs: losses fall, determinism, the saved folder, the metrics."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from brainldm.train import scenes, train_ldm as L
+from brainldm.train.tokenizer import build_tokenizer
+
+
+def tiny_config(tmp_path, **kw) -> L.TrainLdmConfig:
+    base = L.TrainLdmConfig(
+        n_train=16, image_size=32, n_captions=2, device="cpu", out=str(tmp_path / "ldm"),
+        metrics=str(tmp_path / "m.json"),
+        vae=L.VaeConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, steps=3, batch_size=4),
+        text=L.TextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        unet=L.UnetConfig(block_out_channels=(8, 16), attention_head_dim=2, norm_num_groups=4, steps=3, batch_size=4),
+        eval=L.EvalConfig(n_images=4, steps=4, batch_size=4),
+    )
+    return dataclasses.replace(base, **kw)
+
+
+def setup(cfg):
+    torch.manual_seed(0)
+    images, captions, _, _ = scenes.generate(cfg.n_train, 1, cfg.image_size, cfg.n_captions)
+    tok = build_tokenizer([c for caps in captions for c in caps])
+    return L.to_tensor(images), captions, tok, L.build_models(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
+
+
+def test_vae_and_denoiser_steps_lower_the_loss(tmp_path):
+    cfg = tiny_config(tmp_path)
+    x, captions, tok, (vae, text, unet) = setup(cfg)
+    gen = torch.Generator().manual_seed(0)
+    vae_losses = L.train_vae(vae, x[:4], dataclasses.replace(cfg.vae, steps=40, lr=3e-3), torch.device("cpu"), gen)
+    assert np.mean(vae_losses[-5:]) < 0.6 * np.mean(vae_losses[:5])
+    moments = L.encode_moments(vae, x, torch.device("cpu"))
+    sf = L.latent_scaling_factor(*moments, gen)
+    ids = L.tokenize(tok, [c for caps in captions for c in caps]).view(len(captions), cfg.n_captions, -1)
+    unet_cfg = dataclasses.replace(cfg.unet, steps=40, batch_size=16, lr=3e-3)
+    losses = L.train_denoiser(text, unet, moments, ids, L.tokenize(tok, [""])[0], sf, unet_cfg, torch.device("cpu"), gen)
+    assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8])
+
+
+def test_scaling_factor_gives_unit_variance():
+    mean, std = torch.randn(64, 4, 2, 2) * 3.0, torch.full((64, 4, 2, 2), 1e-3)
+    sf = L.latent_scaling_factor(mean, std, torch.Generator().manual_seed(0))
+    assert sf == pytest.approx(1 / 3.0, rel=0.1)
+    assert float((mean * sf).std()) == pytest.approx(1.0, rel=0.05)
+
+
+def test_train_saves_a_loadable_deterministic_pipeline(tmp_path):
+    from brainldm.train.image_model import load_image_model, scaling_factor
+
+    a = L.train(tiny_config(tmp_path / "a"))
+    b = L.train(tiny_config(tmp_path / "b"))
+    assert a["vae"]["losses"] == b["vae"]["losses"] and a["unet"]["losses"] == b["unet"]["losses"]
+    folder = tmp_path / "a" / "ldm"
+    for name in ("model_index.json", "vae/config.json", "unet/config.json", "text_encoder/config.json",
+                 "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+                 "training_config.json", "training_log.json"):
+        assert (folder / name).is_file(), name
+    assert scaling_factor(folder) == pytest.approx(a["scaling_factor"])
+    assert json.loads((folder / "training_config.json").read_text())["vae"]["steps"] == 3
+    pipe = load_image_model(folder)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 16
+    assert not any(p.name.startswith(".") for p in (tmp_path / "a").iterdir())  # atomic: no temp left
+
+
+def test_metric_helpers():
+    images, _, labels, scene_list = scenes.generate(4, 5, 32, 1)
+    assert L.mean_pixcorr(images, images) == pytest.approx(1.0)
+    assert L.mean_pixcorr(images, 255 - images) == pytest.approx(-1.0, abs=1e-6)
+    assert L.mean_ssim(images, images) == pytest.approx(1.0)
+    assert L.main_colour_accuracy(images, scene_list, labels["colour"]) == 1.0
+    order = L._swap_order(labels["colour"])
+    assert (labels["colour"][order] != labels["colour"]).all()
+
+
+def test_evaluate_and_main(tmp_path):
+    params = tmp_path / "params.yaml"
+    cfg = tiny_config(tmp_path)
+    params.write_text("train_ldm: " + json.dumps(L.config_to_dict(cfg)))
+    assert L.main(["--params", str(params)]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n_images"] == 4 and metrics["gt_colour_acc"] == 1.0
+    for key in ("vae_pixcorr", "img2img_pixcorr", "swapped_pixcorr"):
+        assert -1.0 <= metrics[key] <= 1.0
+    assert 0 < metrics["size_mb"] < 20
+
+
+def test_bad_settings(tmp_path, capsys):
+    with pytest.raises(ValueError, match="device"):
+        L.resolve_device("gpu")
+    params = tmp_path / "params.yaml"
+    params.write_text("train_ldm: {seed: 3, eval: {seed: 3}, out: " + str(tmp_path / "none") + "}\n")
+    assert L.main(["--params", str(params), "--skip-train"]) == 1
+    assert "eval.seed must differ" in capsys.readouterr().err

@@ -1,0 +1,445 @@
+"""Stage ``train_ldm``: train the small latent diffusion model from SD v1.x's classes.
+
+1. Procedural scenes (own seed) and a CLIP tokenizer built from their captions.
+2. ``AutoencoderKL`` (reconstruction MSE + KL); ``scaling_factor`` = 1 / std of the
+   training latents, as SD did, saved in the VAE config.
+3. ``CLIPTextModel`` + ``UNet2DConditionModel`` trained jointly with the epsilon
+   objective under SD's ``scaled_linear`` DDPM schedule, with caption dropout so that
+   the empty prompt is the unconditional branch of classifier-free guidance.
+4. Save a ``StableDiffusionImg2ImgPipeline`` folder (DDIM scheduler, same betas),
+   the resolved config and the loss log.
+5. Evaluate on held-out scenes (another seed): VAE round trip, img2img from the true
+   z and c, and from the true z with another image's captions (c swapped).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from brainldm.runtime.atomic import atomic_path, write_text_atomic
+from brainldm.train import scenes
+from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.tokenizer import build_tokenizer, save_tokenizer
+
+# SD v1.x's noise schedule (the UNet learns under it; DDIM at inference reuses it).
+SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+TOKENIZER_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """AutoencoderKL size (4 levels = SD's f = 8) and its training."""
+
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    kl_weight: float = 1e-6
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """CLIPTextModel size (context fixed at 77 tokens, as SD v1.x)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+
+
+@dataclass(frozen=True)
+class UnetConfig:
+    """UNet2DConditionModel size and the joint text+UNet training."""
+
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 1e-3
+    caption_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: img2img as the reconstruction stage runs it."""
+
+    n_images: int = 64
+    seed: int = 20240
+    strength: float = 0.8
+    steps: int = 50
+    guidance: float = 5.0
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class TrainLdmConfig:
+    """The ``train_ldm`` section of params.yaml."""
+
+    seed: int = 1234
+    n_train: int = 4000
+    image_size: int = 64
+    n_captions: int = 5
+    device: str = "auto"
+    out: str = "models/ldm"
+    metrics: str = "metrics/ldm.json"
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    unet: UnetConfig = field(default_factory=UnetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'auto' (cuda when available)."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"train_ldm.device: got {device!r}, expected 'cpu', 'cuda' or 'auto'")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train_ldm.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def build_models(cfg: TrainLdmConfig, vocab_size: int, bos: int, eos: int):
+    """Fresh (vae, text_encoder, unet) of SD v1.x's classes at the configured size."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    n_levels = len(cfg.vae.block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n_levels,
+        up_block_types=("UpDecoderBlock2D",) * n_levels, block_out_channels=cfg.vae.block_out_channels,
+        latent_channels=cfg.vae.latent_channels, layers_per_block=cfg.vae.layers_per_block,
+        norm_num_groups=cfg.vae.norm_num_groups, sample_size=cfg.image_size,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text.hidden_size, intermediate_size=cfg.text.intermediate_size,
+        num_hidden_layers=cfg.text.num_hidden_layers, num_attention_heads=cfg.text.num_attention_heads,
+        max_position_embeddings=TOKENIZER_LENGTH, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+    ))
+    k = len(cfg.unet.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.image_size // 2 ** (n_levels - 1), in_channels=cfg.vae.latent_channels,
+        out_channels=cfg.vae.latent_channels, block_out_channels=cfg.unet.block_out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (k - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (k - 1),
+        layers_per_block=cfg.unet.layers_per_block, cross_attention_dim=cfg.text.hidden_size,
+        attention_head_dim=cfg.unet.attention_head_dim, norm_num_groups=cfg.unet.norm_num_groups,
+    )
+    return vae, text, unet
+
+
+def train_vae(vae, images: torch.Tensor, cfg: VaeConfig, device: torch.device, gen: torch.Generator) -> list[float]:
+    """Fit the autoencoder: MSE(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I)). Returns losses per step."""
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    losses = []
+    for _ in tqdm(range(cfg.steps), desc="vae", mininterval=5):
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        x = images[idx].to(device)
+        posterior = vae.encode(x).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
+        recon = vae.decode(posterior.mean + posterior.std * eps).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    return losses
+
+
+@torch.no_grad()
+def encode_moments(vae, images: torch.Tensor, device: torch.device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of q(z|x), each (N, C, H/f, W/f) float32 on the CPU."""
+    vae.eval()
+    means, stds = [], []
+    for start in range(0, len(images), batch):
+        dist = vae.encode(images[start:start + batch].to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator) -> float:
+    """SD's rule: 1 / std of posterior samples of the training images (unit-variance latents)."""
+    sample = mean + std * torch.randn(mean.shape, generator=gen)
+    return float(1.0 / sample.flatten().std())
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids (B, 77) int64, padded/truncated to the CLIP context."""
+    return tokenizer(texts, padding="max_length", max_length=TOKENIZER_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor,
+                   empty_ids: torch.Tensor, sf: float, cfg: UnetConfig, device: torch.device,
+                   gen: torch.Generator) -> list[float]:
+    """Joint epsilon-prediction training of text encoder and UNet.
+
+    latents: posterior (mean, std), each (N, C, h, w); token_ids (N, K, 77): K captions
+    per image; empty_ids (77,): the empty caption (used with prob ``caption_dropout``).
+    Loss ||eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c)||^2, z0 = sf * sample.
+    """
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler(**SCHEDULE)
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    text.to(device).train()
+    unet.to(device).train()
+    mean, std = latents
+    n, k = token_ids.shape[:2]
+    losses = []
+    for _ in tqdm(range(cfg.steps), desc="unet", mininterval=5):
+        idx = torch.randint(n, (cfg.batch_size,), generator=gen)
+        z0 = sf * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen))
+        ids = token_ids[idx, torch.randint(k, (cfg.batch_size,), generator=gen)]
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        ids[drop] = empty_ids
+        eps = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        zt = noise_sched.add_noise(z0, eps, t)
+        states = text(ids.to(device)).last_hidden_state
+        pred = unet(zt.to(device), t.to(device), encoder_hidden_states=states).sample
+        loss = torch.nn.functional.mse_loss(pred, eps.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    return losses
+
+
+def save_pipeline(folder: Path, vae, text, tokenizer, unet) -> None:
+    """Write a complete ``StableDiffusionImg2ImgPipeline`` folder (safetensors, DDIM scheduler)."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=vae.cpu().eval(), text_encoder=text.cpu().eval(), tokenizer=tokenizer, unet=unet.cpu().eval(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    save_tokenizer(tokenizer, folder / "tokenizer")
+
+
+def train(cfg: TrainLdmConfig) -> dict:
+    """Train all components and write the pipeline folder ``cfg.out`` atomically.
+
+    Returns the training record: losses per phase, seconds per phase, steps/s, sizes.
+    """
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # 1. Data and tokenizer.
+    images_u8, captions, _, _ = scenes.generate(cfg.n_train, cfg.seed, cfg.image_size, cfg.n_captions)
+    images = to_tensor(images_u8)
+    tokenizer = build_tokenizer([c for caps in captions for c in caps])
+    vae, text, unet = build_models(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    # 2. Autoencoder and latent scale.
+    t0 = time.perf_counter()
+    vae_losses = train_vae(vae, images, cfg.vae, device, gen)
+    t_vae = time.perf_counter() - t0
+    moments = encode_moments(vae, images, device)
+    sf = latent_scaling_factor(*moments, gen)
+    vae.register_to_config(scaling_factor=sf)
+    vae.requires_grad_(False)
+    # 3. Text encoder + UNet.
+    token_ids = tokenize(tokenizer, [c for caps in captions for c in caps]).view(len(captions), cfg.n_captions, -1)
+    t0 = time.perf_counter()
+    unet_losses = train_denoiser(text, unet, moments, token_ids, tokenize(tokenizer, [""])[0], sf, cfg.unet, device, gen)
+    t_unet = time.perf_counter() - t0
+    record = {
+        "device": str(device), "scaling_factor": sf,
+        "vae": {"seconds": t_vae, "steps_per_s": cfg.vae.steps / max(t_vae, 1e-9), "losses": vae_losses},
+        "unet": {"seconds": t_unet, "steps_per_s": cfg.unet.steps / max(t_unet, 1e-9), "losses": unet_losses},
+        "params": {n: sum(p.numel() for p in m.parameters()) for n, m in (("vae", vae), ("text_encoder", text), ("unet", unet))},
+    }
+    # 4. Save everything at once.
+    with atomic_path(cfg.out) as tmp:
+        save_pipeline(tmp, vae, text, tokenizer, unet)
+        (tmp / "training_config.json").write_text(json.dumps(config_to_dict(cfg), indent=1, sort_keys=True))
+        (tmp / "training_log.json").write_text(json.dumps(record))
+    return record
+
+
+EVAL_SIZE = 425  # MindEye convention: metrics at 425 px, bilinear
+
+
+def _resize(images: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((EVAL_SIZE, EVAL_SIZE), Image.BILINEAR)) for im in images])
+
+
+def pixcorr(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Per-image Pearson r (N,) of flattened RGB at 425 px. gt, pred (N, H, W, 3) uint8."""
+    a = _resize(gt).reshape(len(gt), -1).astype(np.float64)
+    b = _resize(pred).reshape(len(pred), -1).astype(np.float64)
+    a -= a.mean(1, keepdims=True)
+    b -= b.mean(1, keepdims=True)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+
+
+def ssim(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Per-image grey-scale SSIM (N,) at 425 px (gaussian, sigma 1.5). gt, pred (N, H, W, 3) uint8."""
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    return np.array([
+        structural_similarity(rgb2gray(a), rgb2gray(b), gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False, data_range=1.0)
+        for a, b in zip(_resize(gt), _resize(pred))
+    ])
+
+
+try:  # the project's shared definitions (same protocol), where that module exists
+    from brainldm.train.metrics import pixcorr, ssim  # noqa: F811
+except ImportError:
+    pass
+
+
+def mean_pixcorr(gt: np.ndarray, pred: np.ndarray) -> float:
+    return float(np.mean(pixcorr(gt, pred)))
+
+
+def mean_ssim(gt: np.ndarray, pred: np.ndarray) -> float:
+    return float(np.mean(ssim(gt, pred)))
+
+
+def main_colour_accuracy(images: np.ndarray, scene_list: list, labels: np.ndarray) -> float:
+    """Fraction of images whose mean colour on the main object's visible pixels is nearest
+    (RGB distance) to palette colour ``labels`` (n,) int64. images (n, S, S, 3) uint8."""
+    size = images.shape[1]
+    coords = (np.arange(size) + 0.5) / size
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    palette = np.array(list(scenes.COLOURS.values()), dtype=np.float64)
+    hits = []
+    for image, scene, label in zip(images, scene_list, labels):
+        mask = scenes.shape_mask(scene.objects[0], xx, yy)
+        for other in scene.objects[1:]:
+            mask &= ~scenes.shape_mask(other, xx, yy)
+        mean = image[mask].astype(np.float64).mean(0) if mask.any() else np.zeros(3)
+        hits.append(np.argmin(((palette - mean) ** 2).sum(1)) == label)
+    return float(np.mean(hits))
+
+
+@torch.no_grad()
+def text_states(pipe, caption_lists: list[list[str]]) -> torch.Tensor:
+    """c (N, 77, D) float32: last_hidden_state averaged over each image's captions."""
+    out = []
+    for caps in caption_lists:
+        ids = tokenize(pipe.tokenizer, caps).to(pipe.device)
+        out.append(pipe.text_encoder(ids).last_hidden_state.mean(0))
+    return torch.stack(out)
+
+
+def img2img(pipe, z: torch.Tensor, c: torch.Tensor, uncond: torch.Tensor, cfg: EvalConfig) -> np.ndarray:
+    """Reconstruct from scaled latents z (N, C, h, w) and c (N, 77, D); returns (N, S, S, 3) uint8."""
+    out = []
+    for s in range(0, len(z), cfg.batch_size):
+        zb, cb = z[s:s + cfg.batch_size], c[s:s + cfg.batch_size]
+        images = pipe(prompt_embeds=cb, negative_prompt_embeds=uncond.expand_as(cb), image=zb,
+                      strength=cfg.strength, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                      generator=torch.Generator(pipe.device).manual_seed(cfg.seed + s), output_type="np").images
+        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainLdmConfig) -> dict:
+    """Held-out metrics of the saved model ``cfg.out`` (scenes from ``cfg.eval.seed``)."""
+    from brainldm.train.image_model import load_image_model
+
+    if cfg.eval.seed == cfg.seed:
+        raise ValueError("train_ldm.eval.seed must differ from train_ldm.seed (held-out scenes)")
+    # 1. Held-out scenes and the model.
+    gt, captions, labels, scene_list = scenes.generate(cfg.eval.n_images, cfg.eval.seed, cfg.image_size, cfg.n_captions)
+    pipe = load_image_model(cfg.out, device=str(resolve_device(cfg.device)))
+    x = to_tensor(gt).to(pipe.device)
+    # 2. VAE round trip through the posterior mean.
+    z = torch.cat([pipe.vae.encode(x[s:s + cfg.eval.batch_size]).latent_dist.mean for s in range(0, len(x), cfg.eval.batch_size)])
+    recon = pipe.vae.decode(z).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    # 3. img2img from true z and c, then with each image's captions swapped for another's.
+    z = z * pipe.vae.config.scaling_factor
+    c = text_states(pipe, captions)
+    uncond = text_states(pipe, [[""]])
+    true = img2img(pipe, z, c, uncond, cfg.eval)
+    order = _swap_order(labels["colour"])
+    swapped = img2img(pipe, z, c[order], uncond, cfg.eval)
+    return {
+        "n_images": len(gt), "eval_seed": cfg.eval.seed,
+        "vae_pixcorr": mean_pixcorr(gt, recon), "vae_ssim": mean_ssim(gt, recon),
+        "img2img_pixcorr": mean_pixcorr(gt, true), "img2img_ssim": mean_ssim(gt, true),
+        "img2img_colour_acc": main_colour_accuracy(true, scene_list, labels["colour"]),
+        "swapped_pixcorr": mean_pixcorr(gt, swapped), "swapped_ssim": mean_ssim(gt, swapped),
+        "swapped_colour_acc": main_colour_accuracy(swapped, scene_list, labels["colour"]),
+        "swapped_colour_acc_vs_donor": main_colour_accuracy(swapped, scene_list, labels["colour"][order]),
+        "gt_colour_acc": main_colour_accuracy(gt, scene_list, labels["colour"]),
+    }
+
+
+def _swap_order(colours: np.ndarray) -> np.ndarray:
+    """For each image, the next image (cyclically) whose main colour differs (a caption donor)."""
+    n = len(colours)
+    order = np.arange(n)
+    for i in range(n):
+        order[i] = next(((i + k) % n for k in range(1, n) if colours[(i + k) % n] != colours[i]), (i + 1) % n)
+    return order
+
+
+def folder_megabytes(folder: str | Path) -> float:
+    """Total size of the files under ``folder`` in MB (1e6 bytes)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="overrides train_ldm.device")
+    parser.add_argument("--skip-train", action="store_true", help="only evaluate the existing folder")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(TrainLdmConfig, "train_ldm", args.params)
+        if args.device:
+            cfg = dataclasses.replace(cfg, device=args.device)
+        if not args.skip_train:
+            record = train(cfg)
+            print(f"trained on {record['device']}: vae {record['vae']['seconds']:.0f} s, unet {record['unet']['seconds']:.0f} s")
+        metrics = evaluate(cfg)
+        metrics["size_mb"] = folder_megabytes(cfg.out)
+        write_text_atomic(cfg.metrics, json.dumps(metrics, indent=1, sort_keys=True))
+        write_text_atomic(Path(cfg.out) / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
+    except (ValueError, FileNotFoundError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
