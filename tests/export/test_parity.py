@@ -65,3 +65,12 @@ def test_other_generation_resolution_resizes_like_torch(setup):
     assert m["latent_max_abs"] <= 1e-4 and m["image_max_abs"] <= 1e-2 and m["passed"]
     with pytest.raises(parity.ParityError, match="resolution"):
         parity.run_parity(dataclasses.replace(cfg, bundles_dir=str(root / "b24")), rc, DATASET, PAIR)
+
+
+def test_latent_criterion_is_allclose_like():
+    from brainldm.export.parity import ParityConfig, passes
+
+    base = {"pred_z_max_abs": 0.0, "pred_c_max_abs": 0.0, "image_max_abs": 0.0, "latent_max_abs": 2e-4}
+    cfg = ParityConfig(latent_atol=1e-4, latent_rtol=1e-4)
+    assert passes(dict(base, latent_tolerance_ratio=0.99), cfg)
+    assert not passes(dict(base, latent_tolerance_ratio=1.01), cfg)
