@@ -153,17 +153,21 @@ def train(cfg: AttributeClassifierConfig) -> tuple[AttributeNet, dict]:
 
 
 class _threads:
-    """Temporarily set torch's intra-op thread count (0 = leave it)."""
+    """Temporarily fix torch's intra-op thread count (0 = leave it) and use deterministic
+    algorithms, so that the checkpoint is bitwise the same on every run."""
 
     def __init__(self, n: int):
         self.n, self.before = n, torch.get_num_threads()
+        self.was_deterministic = torch.are_deterministic_algorithms_enabled()
 
     def __enter__(self):
         if self.n > 0:
             torch.set_num_threads(self.n)
+        torch.use_deterministic_algorithms(True)
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.before)
+        torch.use_deterministic_algorithms(self.was_deterministic)
 
 
 def save_classifier(model: AttributeNet, cfg: AttributeClassifierConfig, path: str | Path) -> None:
