@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,8 +14,7 @@ from brainldm.train.decode import DecodeConfig, decode, main, stage1_metrics
 from brainldm.train.decoders import load_checkpoint
 from brainldm.train.fit import fit
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_fit import C_SHAPE, DECODERS, LOWER, N_IMAGES, Z_SHAPE, fit_config, make_fake_data  # noqa: E402
+from tests.train.test_fit import C_SHAPE, DECODERS, LOWER, N_IMAGES, Z_SHAPE, fit_config, make_fake_data
 
 
 def decode_config(root: Path) -> DecodeConfig:
