@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -20,8 +21,24 @@ T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+# What a stage reports as bad input (params, missing or malformed files) rather than a crash.
+STAGE_ERRORS = (ValueError, OSError, KeyError)
+
+
 class ConfigError(ValueError):
     """A params section does not match its stage's config dataclass."""
+
+
+def run_stage(work: Callable[[], str], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Exit status of a stage's ``main()``: run ``work()`` and print the summary line it returns (0),
+    or print ``error: <message>`` to stderr (1) when it raises one of STAGE_ERRORS or ``errors``."""
+    try:
+        summary = work()
+    except STAGE_ERRORS + errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -29,21 +28,15 @@ from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import attribute_classifier, metrics
-from brainldm.train.config import config_to_dict, load_config
+from brainldm.train.config import config_to_dict, load_config, run_stage
+# The registry lives with the extractors; re-exported here for existing callers.
+from brainldm.train.feature_extractors import (  # noqa: F401
+    FEATURE_EXTRACTORS, MINDEYE_SPACES, FeatureFn, register_extractor,
+)
 
 INDEX_COLUMNS = ("test_item", "image_index", "sample", "file")
 IDENTIFICATION_CHANCE = 0.5
 MAX_LISTED = 20  # offending test items named in an error message
-# MindEye feature spaces: name -> (what is reported, description). Identification is
-# higher-is-better (chance 0.5); distance is the mean correlation distance, lower is better.
-MINDEYE_SPACES = {
-    "alexnet2": ("identification", "AlexNet features.4"),
-    "alexnet5": ("identification", "AlexNet features.11"),
-    "inceptionv3": ("identification", "InceptionV3 avgpool"),
-    "clip_vitl14": ("identification", "CLIP ViT-L/14 image embedding"),
-    "effnet_b1": ("distance", "EfficientNet-B1 avgpool"),
-    "swav": ("distance", "SwAV ResNet-50 avgpool"),
-}
 
 
 class EvaluateError(ValueError):
@@ -68,34 +61,6 @@ class EvaluateConfig:
     seed: int = 0
     grid_items: int = 8
     grid_dpi: int = 150
-
-
-# ---- feature extractor registry -------------------------------------------------------
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]  # images (N, H, W, 3) uint8 -> (N, F) float32
-FEATURE_EXTRACTORS: dict[str, Callable[[str], FeatureFn]] = {}
-
-
-def register_extractor(name: str):
-    """Register ``loader(weights_path) -> features_fn`` for MindEye space ``name``."""
-    def wrap(loader: Callable[[str], FeatureFn]) -> Callable[[str], FeatureFn]:
-        FEATURE_EXTRACTORS[name] = loader
-        return loader
-    return wrap
-
-
-def _not_implemented(name: str) -> Callable[[str], FeatureFn]:
-    def loader(path: str) -> FeatureFn:
-        raise NotImplementedError(
-            f"evaluate.feature_weights.{name} = {path!r}: the {MINDEYE_SPACES[name][1]} extractor is not "
-            f"implemented yet; set it to null (reported as not computed) or register a loader with "
-            f"brainldm.train.evaluate.register_extractor('{name}')"
-        )
-    return loader
-
-
-for _name in MINDEYE_SPACES:
-    register_extractor(_name)(_not_implemented(_name))
 
 
 # ---- inputs ----------------------------------------------------------------------------
@@ -218,7 +183,7 @@ def feature_spaces(cfg: EvaluateConfig, classifier) -> tuple[dict[str, FeatureFn
             continue
         if not Path(path).exists():
             raise FileNotFoundError(f"evaluate.feature_weights.{name}: {path} does not exist")
-        spaces[name] = FEATURE_EXTRACTORS[name](path)
+        spaces[name] = FEATURE_EXTRACTORS[name](path, batch_size=cfg.batch_size)
         status[name] = f"computed from {path}"
     return spaces, status
 
@@ -364,14 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dataset", required=True)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(EvaluateConfig, "evaluate", args.params)
-        out = run(cfg, args.dataset)
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+    return run_stage(lambda: f"wrote {run(load_config(EvaluateConfig, 'evaluate', args.params), args.dataset)}")
 
 
 if __name__ == "__main__":

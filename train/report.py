@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from brainldm.runtime.atomic import write_text_atomic
-from brainldm.train.config import load_config
+from brainldm.train.config import load_config, run_stage
 
 # The original project's numbers (FACTS.md): real NSD / THINGS-fMRI, SD v1.4, their protocol.
 THEIR_MSE = {
@@ -161,14 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         cfg = load_config(ReportConfig, "report", args.params)
         write_text_atomic(cfg.out, build_report(cfg))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {cfg.out}")
-    return 0
+        return f"wrote {cfg.out}"
+    return run_stage(work)
 
 
 if __name__ == "__main__":

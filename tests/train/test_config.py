@@ -56,3 +56,21 @@ def test_float_fields_accept_yaml_exponents_and_reject_text():
         from_dict(Outer, {"seed": 1, "rate": "fast"})
     with pytest.raises(ConfigError, match="rate: expected a number"):
         from_dict(Outer, {"seed": 1, "rate": [1]})
+
+
+def test_run_stage_prints_the_summary_or_a_clear_error(capsys):
+    from brainldm.train.config import run_stage
+
+    assert run_stage(lambda: "wrote x") == 0
+    assert capsys.readouterr().out == "wrote x\n"
+
+    def bad_input() -> str:
+        raise FileNotFoundError("data/prepared/x.h5 not found")
+    assert run_stage(bad_input) == 1
+    assert capsys.readouterr().err == "error: data/prepared/x.h5 not found\n"
+
+    def stage_specific() -> str:
+        raise RuntimeError("parity beyond tolerance")
+    assert run_stage(stage_specific, errors=(RuntimeError,)) == 1
+    with pytest.raises(RuntimeError):  # a bug is not bad input: it propagates with its traceback
+        run_stage(stage_specific)

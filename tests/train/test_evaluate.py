@@ -123,13 +123,18 @@ def test_mixed_sizes_rejected(tmp_path, assets):
         ev.run(cfg, "ds")
 
 
-def test_feature_weights_never_downloaded(tmp_path, assets):
+def test_feature_weights_read_locally_with_clear_errors(tmp_path, assets):
     cfg = _setup(tmp_path, assets)
-    weights = tmp_path / "clip.pt"
-    weights.write_bytes(b"")
-    given = dataclasses.replace(cfg, feature_weights={**cfg.feature_weights, "clip_vitl14": str(weights)})
-    with pytest.raises(NotImplementedError, match="clip_vitl14.*not implemented"):
+    empty = tmp_path / "alexnet.pth"
+    empty.write_bytes(b"")
+    given = dataclasses.replace(cfg, feature_weights={**cfg.feature_weights, "alexnet2": str(empty)})
+    with pytest.raises(ValueError, match=r"alexnet\.pth: cannot be read as torchvision alexnet weights"):
         ev.run(given, "ds")
+    # CLIP is read from a local Hugging Face folder only; a file is not one
+    clip = dataclasses.replace(cfg, feature_weights={**cfg.feature_weights, "clip_vitl14": str(empty)})
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json; expected a local folder"):
+        ev.run(clip, "ds")
+    assert not (tmp_path / "out").exists()
     bad = dataclasses.replace(cfg, feature_weights={"resnet": None})
     with pytest.raises(ev.EvaluateError, match="unknown space"):
         ev.run(bad, "ds")
