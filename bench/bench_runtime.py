@@ -280,6 +280,8 @@ def merge_results(path: Path, key: str, entry: dict) -> None:
 
 
 def main_cpu(args) -> dict:
+    # A bundle built here lives in a temporary folder: record what it is, not where it was.
+    model = None if args.bundle else f"{args.model} architecture, random weights"
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle is None:
             build = tiny_bundle if args.model == "tiny" else build_small_ldm_bundle
@@ -287,7 +289,7 @@ def main_cpu(args) -> dict:
         reference = run_worker("reference", args, [])
         runtime = run_worker("runtime", args, ["--backend", "ort-cpu"])
         manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
-    entry = {"model": manifest["image_model"]["source"], "resolution": manifest["image_model"]["resolution"],
+    entry = {"model": model or manifest["image_model"]["source"], "resolution": manifest["image_model"]["resolution"],
              "generation": manifest["generation"], "threads": args.threads, "repeats": args.repeats,
              "reference": reference, "runtime_ort_cpu": runtime, "ratio_runtime_over_reference": ratios(runtime, reference)}
     for batch, r in entry["ratio_runtime_over_reference"].items():
