@@ -281,6 +281,7 @@ def merge_results(path: Path, key: str, entry: dict) -> None:
 
 def main_cpu(args) -> dict:
     # A bundle built here lives in a temporary folder: record what it is, not where it was.
+    args.bundle_built_here = args.bundle is None
     model = None if args.bundle else f"{args.model} architecture, random weights"
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle is None:
@@ -440,8 +441,11 @@ def main(argv=None) -> int:
         args.json_out.write_text(json.dumps(result))
         return 0
     entry = main_gpu(args) if args.gpu else main_cpu(args)
-    key = "gpu_sd14_512_fp16" if args.gpu else f"cpu_{Path(entry['model']).name}_threads{args.threads}"
-    key = key.replace("cpu_ldm_", "cpu_tiny_")  # the tests' tiny model is saved as "ldm"
+    if args.gpu:
+        key = "gpu_sd14_512_fp16"
+    else:
+        label = args.model if args.bundle_built_here else Path(entry["model"]).name
+        key = f"cpu_{label}_threads{args.threads}"
     merge_results(args.out, key, entry)
     print(f"wrote {args.out} [{key}]")
     return 0
