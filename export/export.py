@@ -34,7 +34,7 @@ from tqdm import tqdm
 from brainldm.export import onnx_models, tensorrt_engines
 from brainldm.runtime.atomic import atomic_path
 from brainldm.train import decoders
-from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
 from brainldm.train.reconstruct import PairConfig, ReconstructConfig, load_reference_pipeline, native_resolution
 
 BUNDLE_FORMAT_VERSION = 1
@@ -253,16 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--pair", required=True, help="a key of reconstruct.pairs, e.g. ours")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         cfg = load_config(ExportConfig, "export", args.params)
         rc = load_config(ReconstructConfig, "reconstruct", args.params)
         torch.manual_seed(cfg.check_seed)
-        out = build_bundle(cfg, rc, args.dataset, args.pair)
-    except (ValueError, FileNotFoundError, onnx_models.ExportParityError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+        return f"wrote {build_bundle(cfg, rc, args.dataset, args.pair)}"
+    return run_stage(work, errors=(onnx_models.ExportParityError,))
 
 
 if __name__ == "__main__":

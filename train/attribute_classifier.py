@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import scenes
-from brainldm.train.config import ConfigError, config_to_dict, from_dict, load_config
+from brainldm.train.config import ConfigError, config_to_dict, from_dict, load_config, run_stage
 
 ATTRIBUTES = ("kind", "colour", "count", "background")
 # scenes.attributes() counts objects from 1; the count head predicts count - 1.
@@ -228,14 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         cfg = load_config(AttributeClassifierConfig, "attribute_classifier", args.params)
         metrics = run(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {cfg.out}; held-out accuracy {json.dumps(metrics['val_accuracy'])}")
-    return 0
+        return f"wrote {cfg.out}; held-out accuracy {json.dumps(metrics['val_accuracy'])}"
+    return run_stage(work)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import metrics
-from brainldm.train.config import config_to_json, load_config
+from brainldm.train.config import config_to_json, load_config, run_stage
 from brainldm.train.decoders import Checkpoint, load_checkpoint
 
 SPLITS = ("train", "val", "test")
@@ -194,13 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--decoder", required=True)
     args = parser.parse_args(argv)
-    try:
-        metrics = decode(load_config(DecodeConfig, "decode", args.params), args.dataset, args.decoder)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(metrics, sort_keys=True))
-    return 0
+    return run_stage(lambda: json.dumps(decode(load_config(DecodeConfig, "decode", args.params), args.dataset,
+                                               args.decoder), sort_keys=True))
 
 
 if __name__ == "__main__":

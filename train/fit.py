@@ -29,7 +29,7 @@ import torch.utils.deterministic
 from tqdm import tqdm
 
 from brainldm.runtime.atomic import write_text_atomic
-from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
 from brainldm.train.decode import check_aligned, load_inputs, load_targets, stage1_metrics
 from brainldm.train.decoders import (DECODER_KINDS, DecoderSpec, VaeDecoder, build_decoder, save_checkpoint,
                                      vae_loss)
@@ -333,13 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--decoder", required=True)
     args = parser.parse_args(argv)
-    try:
-        metrics = fit(load_config(FitConfig, "fit", args.params), args.dataset, args.decoder)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(metrics, sort_keys=True))
-    return 0
+    return run_stage(lambda: json.dumps(fit(load_config(FitConfig, "fit", args.params), args.dataset,
+                                            args.decoder), sort_keys=True))
 
 
 if __name__ == "__main__":

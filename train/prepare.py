@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from brainldm.train import roi_graph
-from brainldm.train.config import config_to_json, load_config
+from brainldm.train.config import config_to_json, load_config, run_stage
 from brainldm.runtime.atomic import atomic_path
 
 FORMAT_VERSION = 1
@@ -283,13 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True, help="dataset name in params.yaml prepare.datasets")
     parser.add_argument("--params", default="params.yaml", help="params file (section 'prepare')")
     args = parser.parse_args(argv)
-    try:
-        path = run(args.dataset, load_config(PrepareConfig, "prepare", args.params))
-    except (ValueError, FileNotFoundError, OSError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
+    return run_stage(lambda: f"wrote {run(args.dataset, load_config(PrepareConfig, 'prepare', args.params))}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path
-from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
 
 # Streams of the numpy noise: one for the VAE posterior sample, one for the diffusion noise.
 NOISE_STREAM_POSTERIOR = 0
@@ -266,15 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--pair", required=True, help="a key of reconstruct.pairs, e.g. ours or baseline")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         cfg = load_config(ReconstructConfig, "reconstruct", args.params)
         torch.manual_seed(cfg.seed)
-        out = run(cfg, args.dataset, args.pair)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+        return f"wrote {run(cfg, args.dataset, args.pair)}"
+    return run_stage(work)
 
 
 if __name__ == "__main__":

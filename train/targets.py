@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path
-from brainldm.train.config import ConfigError, config_to_json, load_config
+from brainldm.train.config import config_to_json, load_config, run_stage
 
 FORMAT_VERSION = 1
 CONTEXT_LENGTH = 77  # CLIP's context: prompts are always encoded at full length, as SD does
@@ -175,14 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dataset", required=True, help="name of data/prepared/<dataset>.h5")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(TargetsConfig, "targets", args.params)
-        dst = make_targets(cfg, args.dataset)
-    except (ValueError, FileNotFoundError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {dst}")
-    return 0
+    return run_stage(lambda: f"wrote {make_targets(load_config(TargetsConfig, 'targets', args.params), args.dataset)}")
 
 
 if __name__ == "__main__":
