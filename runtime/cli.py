@@ -48,7 +48,7 @@ def read_input(path: Path) -> dict[str, np.ndarray | None]:
                 data = {k: (np.asarray(f[k]) if k in f else None) for k in INPUT_KEYS}
         else:
             raise ValueError(f"{path}: unsupported input type {suffix!r}; expected .npy, .npz or .h5")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # np.load raises EOFError on an empty .npy
         if "unsupported input type" in str(exc):
             raise
         raise ValueError(f"{path}: could not read ({exc})") from exc
@@ -84,13 +84,7 @@ def run_reconstruct(args: argparse.Namespace) -> Path:
     decoded = rec.decode(data["betas"], data["session"], data["group"], args.batch_size)
     out = Path(args.out)
     check_out_dir(out, args.overwrite)
-    rows = []
-    for items, sample_idx, images in rec.iter_batches(decoded, samples, seed, batch_size=args.batch_size,
-                                                      progress=True):
-        for i, s, image in zip(items, sample_idx, to_uint8(images)):
-            name = f"item{i:04d}_s{s}.png"
-            write_bytes_atomic(out / name, png_bytes(image))
-            rows.append((int(i), int(decoded.ids[i]), int(s), name))
+    rows = write_pngs(rec, decoded, samples, seed, args.batch_size, out)
     with atomic_path(out / "index.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["item", "group", "sample", "file"])
@@ -99,6 +93,31 @@ def run_reconstruct(args: argparse.Namespace) -> Path:
                 "samples": samples, "seed": seed, "n_items": len(decoded.ids), "grouped": data["group"] is not None}
     write_text_atomic(out / "run.json", json.dumps(run_info, indent=2, sort_keys=True))
     return out
+
+
+def write_pngs(rec: Reconstructor, decoded, samples: int, seed: int, batch_size: int, out: Path) -> list[tuple]:
+    """Generate batch by batch, writing each PNG atomically; returns the index rows.
+
+    A backend failure mid-way becomes a ``BatchFailedError`` that says how many complete
+    PNGs are already in ``out`` (no index.csv is written for an incomplete run).
+    """
+    rows = []
+    try:
+        for items, sample_idx, images in rec.iter_batches(decoded, samples, seed, batch_size=batch_size,
+                                                          progress=True):
+            for i, s, image in zip(items, sample_idx, to_uint8(images)):
+                name = f"item{i:04d}_s{s}.png"
+                write_bytes_atomic(out / name, png_bytes(image))
+                rows.append((int(i), int(decoded.ids[i]), int(s), name))
+    except Exception as exc:  # onnxruntime's errors derive from Exception only; KeyboardInterrupt passes
+        raise BatchFailedError(f"reconstruction failed after {len(rows)} of {len(decoded.ids) * samples} images "
+                               f"({type(exc).__name__}: {exc}); the {len(rows)} PNGs in {out} are complete, "
+                               "no index.csv was written; rerun with --overwrite") from exc
+    return rows
+
+
+class BatchFailedError(RuntimeError):
+    """A batch failed in the backend after some PNGs were written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = run_reconstruct(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, BatchFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

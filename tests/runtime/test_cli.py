@@ -72,3 +72,43 @@ def test_usage_errors_exit_2(bundle_dir, tmp_path):
     with pytest.raises(SystemExit) as exc:
         cli.main(_args(bundle_dir, tmp_path / "x.npy", tmp_path / "o", "--backend", "cuda"))
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("name, message", [
+    ("x.npy", "could not read"),
+    ("x.npz", "could not read"),
+    ("x.h5", "could not read"),
+])
+def test_empty_files_are_refused(bundle_dir, tmp_path, capsys, name, message):
+    (tmp_path / name).write_bytes(b"")
+    assert cli.main(_args(bundle_dir, tmp_path / name, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and name in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_trials_are_refused(bundle_dir, tmp_path, capsys):
+    np.savez(tmp_path / "x.npz", betas=np.zeros((0, raw_test()["betas"].shape[1]), np.float32))
+    assert cli.main(_args(bundle_dir, tmp_path / "x.npz", tmp_path / "out")) == 1
+    assert "0 trials" in capsys.readouterr().err
+
+
+def test_batch_failing_midway_leaves_only_complete_pngs(bundle_dir, tmp_path, capsys, monkeypatch):
+    raw = raw_test()
+    np.savez(tmp_path / "in.npz", betas=raw["betas"], session=raw["session"], group=raw["image_index"])
+    real = cli.Reconstructor.iter_batches
+
+    def fail_on_second_batch(self, *args, **kwargs):
+        batches = real(self, *args, **kwargs)
+        yield next(batches)
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(cli.Reconstructor, "iter_batches", fail_on_second_batch)
+    out = tmp_path / "out"
+    assert cli.main(_args(bundle_dir, tmp_path / "in.npz", out, "--samples", "2", "--batch-size", "3")) == 1
+    err = capsys.readouterr().err
+    assert "failed after 3 of" in err and "simulated device failure" in err, err
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3 and not (out / "index.csv").exists() and not list(out.glob(".*"))
+    for png in pngs:  # every written file decodes completely
+        assert np.asarray(Image.open(png)).shape == (16, 16, 3)
