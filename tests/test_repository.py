@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.dvc_store import store_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,9 +19,7 @@ def _dvc_config() -> configparser.ConfigParser:
 
 
 def _store_has(md5: str) -> bool:
-    digest = md5.removesuffix(".dir")
-    suffix = ".dir" if md5.endswith(".dir") else ""
-    return (ROOT / "dvc-store" / "files" / "md5" / digest[:2] / (digest[2:] + suffix)).is_file()
+    return store_path(md5).is_file()
 
 
 def test_embedded_remote_is_inside_the_repo_and_not_the_default():

@@ -79,12 +79,15 @@ def load_image_model(
         scheduler: "ddim" replaces the saved scheduler by a ``DDIMScheduler`` built
             from its config (same betas), as the reconstruction stage uses; "saved" keeps it.
     Returns:
-        ``diffusers.StableDiffusionImg2ImgPipeline`` (safety checker off, progress bar off).
+        ``LatentImg2ImgPipeline``: diffusers' ``StableDiffusionImg2ImgPipeline`` that also takes
+        latents of a VAE with other than 4 channels as ``image`` (safety checker off, progress bar off).
     Raises:
         ImageModelError: missing or malformed model (with the expected layout).
     """
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import DDIMScheduler
+
+    from brainldm.train.latent_img2img import LatentImg2ImgPipeline
 
     _offline()
     path = Path(path)
@@ -95,11 +98,11 @@ def load_image_model(
             if config is None:
                 raise ImageModelError(f"single-file model {path} needs config=<local diffusers folder>; {LAYOUT_HELP}")
             folder = check_folder(config)
-            pipe = StableDiffusionImg2ImgPipeline.from_single_file(
+            pipe = LatentImg2ImgPipeline.from_single_file(
                 str(path), config=str(folder), local_files_only=True, torch_dtype=dtype, **kwargs
             )
         else:
-            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+            pipe = LatentImg2ImgPipeline.from_pretrained(
                 str(check_folder(path)), local_files_only=True, dtype=dtype, **kwargs
             )
     except ImageModelError:

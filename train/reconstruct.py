@@ -22,12 +22,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path
 from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
+from brainldm.train.latent_img2img import LatentImg2ImgPipeline
 
 # Streams of the numpy noise: one for the VAE posterior sample, one for the diffusion noise.
 NOISE_STREAM_POSTERIOR = 0
@@ -65,11 +66,11 @@ class ReconstructError(ValueError):
     """Inputs of the reconstruction do not fit together."""
 
 
-class GivenNoiseImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
+class GivenNoiseImg2ImgPipeline(LatentImg2ImgPipeline):
     """diffusers' img2img, except that the forward-diffusion noise is given, not drawn.
 
-    Set ``given_noise`` (B, C, h, w) before calling; ``image`` must be 4-channel latents
-    (already multiplied by the scaling factor), as diffusers accepts them.
+    Set ``given_noise`` (B, C, h, w) before calling; ``image`` must be the VAE's latents
+    (already multiplied by the scaling factor).
     """
 
     given_noise: torch.Tensor | None = None

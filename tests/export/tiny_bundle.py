@@ -57,13 +57,13 @@ def write_prepared(path: Path, seed: int = 0) -> dict:
     return raw
 
 
-def write_decoders(folder: Path, seed: int = 0) -> None:
+def write_decoders(folder: Path, seed: int = 0, z_shape: tuple = Z_SHAPE, c_shape: tuple = C_SHAPE) -> None:
     """gcn-z (A, B, C -> z) and cnn-c (B, C -> c) with seeded random weights."""
     torch.manual_seed(seed)
-    gcn = decoders.DecoderSpec("gcn", "z", Z_SHAPE, ("A", "B", "C"), (10, 10, 10),
+    gcn = decoders.DecoderSpec("gcn", "z", z_shape, ("A", "B", "C"), (10, 10, 10),
                                {"hidden": 8, "cheb_k": 2, "pooling": "flatten", "head_hidden": 16},
                                node_rois=(("A",), ("B",), ("C",)))
-    cnn = decoders.DecoderSpec("cnn", "c", C_SHAPE, ("B", "C"), (10, 10),
+    cnn = decoders.DecoderSpec("cnn", "c", c_shape, ("B", "C"), (10, 10),
                                {"channels": 4, "n_blocks": 1, "kernel_size": 3, "stem_stride": 1, "pool": 2,
                                 "hidden": [16, 16]})
     graph = (torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]), torch.tensor([0.5, 0.5, 0.3, 0.3]))
@@ -74,27 +74,44 @@ def write_decoders(folder: Path, seed: int = 0) -> None:
         decoders.save_checkpoint(folder / DATASET / f"{name}.safetensors", spec, module, mean, std, "{}")
 
 
-def write_targets(folder: Path, seed: int = 0) -> None:
+def write_targets(folder: Path, seed: int = 0, c_shape: tuple = C_SHAPE) -> None:
     rng = np.random.default_rng(seed + 2)
     folder.mkdir(parents=True, exist_ok=True)
     with h5py.File(folder / f"{DATASET}.h5", "w") as f:
-        f["uncond"] = rng.standard_normal(C_SHAPE).astype(np.float32)
+        f["uncond"] = rng.standard_normal(c_shape).astype(np.float32)
 
 
-def make_configs(root: Path, **export_overrides) -> tuple[ex.ExportConfig, ReconstructConfig]:
-    """Write every input under ``root`` (pipeline once) and return the export and reconstruct configs."""
-    model = root / "ldm"
-    if not model.is_dir():
-        save_tiny_pipeline(model)
+def make_configs(root: Path, model: Path | None = None, steps: int = 10,
+                 **export_overrides) -> tuple[ex.ExportConfig, ReconstructConfig]:
+    """Write every input under ``root`` (once) and return the export and reconstruct configs.
+
+    model: an SD-v1 diffusers folder (default: a tiny random one written to ``root/ldm``);
+    the seeded decoders are shaped to its latents (C, h, w) and text states (77, D)
+    (to Z_SHAPE, C_SHAPE for the tiny one).
+    """
+    z_shape, c_shape = (Z_SHAPE, C_SHAPE) if model is None else model_target_shapes(model)
+    if model is None:
+        model = root / "ldm"
+        if not model.is_dir():
+            save_tiny_pipeline(model)
+    if not (root / "prepared").is_dir():
         write_prepared(root / "prepared" / f"{DATASET}.h5")
-        write_decoders(root / "decoders")
-        write_targets(root / "targets")
+        write_decoders(root / "decoders", z_shape=z_shape, c_shape=c_shape)
+        write_targets(root / "targets", c_shape=c_shape)
     ecfg = ex.ExportConfig(prepared_dir=str(root / "prepared"), targets_dir=str(root / "targets"),
                            models_dir=str(root / "decoders"), out_dir=str(root / "bundles"), **export_overrides)
-    rc = ReconstructConfig(model=str(model), pairs={PAIR: PairConfig(z="gcn-z", c="cnn-c")}, samples=2, steps=10,
+    rc = ReconstructConfig(model=str(model), pairs={PAIR: PairConfig(z="gcn-z", c="cnn-c")}, samples=2, steps=steps,
                            strength=0.8, guidance=5.0, seed=42, batch_size=4,
                            decode_dir=str(root / "decode"), targets_dir=str(root / "targets"))
     return ecfg, rc
+
+
+def model_target_shapes(model: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """z (C, h, w) and c (77, D) shapes of a diffusers folder, from its configs."""
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    text = json.loads((model / "text_encoder" / "config.json").read_text())
+    side = vae["sample_size"] // 2 ** (len(vae["block_out_channels"]) - 1)
+    return (vae["latent_channels"], side, side), (text["max_position_embeddings"], text["hidden_size"])
 
 
 def build_tiny_bundle(root: Path) -> Path:

@@ -16,20 +16,20 @@ from brainldm.train.train_ldm import TextConfig, TrainLdmConfig, UnetConfig, Vae
 SCALE = 0.5  # a scaling_factor that no default could produce
 
 
-def tiny_config() -> TrainLdmConfig:
+def tiny_config(latent_channels: int = 4) -> TrainLdmConfig:
     """SD v1 geometry (4 VAE blocks -> f = 8, 4 latent channels, 77 tokens) at toy widths."""
     return TrainLdmConfig(
         image_size=32,
-        vae=VaeConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4),
+        vae=VaeConfig(block_out_channels=(8, 8, 8, 8), latent_channels=latent_channels, norm_num_groups=4),
         text=TextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
         unet=UnetConfig(block_out_channels=(8, 16), attention_head_dim=2, norm_num_groups=4),
     )
 
 
-def make_tiny_model(folder, seed: int = 0):
+def make_tiny_model(folder, seed: int = 0, latent_channels: int = 4):
     torch.manual_seed(seed)
     tok = build_tokenizer(["a red circle on a grey background", "two blue squares"])
-    vae, text, unet = build_models(tiny_config(), len(tok), tok.bos_token_id, tok.eos_token_id)
+    vae, text, unet = build_models(tiny_config(latent_channels), len(tok), tok.bos_token_id, tok.eos_token_id)
     vae.register_to_config(scaling_factor=SCALE)
     save_pipeline(folder, vae, text, tok, unet)
     return folder
@@ -68,6 +68,30 @@ def test_loads_and_runs_img2img_from_latents_and_embeddings(tiny):
     assert 0.0 <= a.min() and a.max() <= 1.0
     np.testing.assert_array_equal(a, b)  # deterministic given the generator
     assert np.abs(a - other).max() > 1e-4  # the text conditioning reaches the image
+
+
+def test_latents_of_a_16_channel_vae_are_taken_as_latents(tmp_path):
+    """diffusers' img2img takes only 4-channel latents as ``image``; the loader's pipeline takes the VAE's."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    folder = make_tiny_model(tmp_path / "ldm16", latent_channels=16)
+    pipe = load_image_model(folder)
+    gen = torch.Generator().manual_seed(1)
+    z, c = torch.randn(2, 16, 4, 4, generator=gen), torch.randn(2, 77, 16, generator=gen)
+    kwargs = dict(prompt_embeds=c, negative_prompt_embeds=torch.zeros_like(c), strength=0.8, num_inference_steps=10,
+                  guidance_scale=5.0, output_type="latent")
+    out = pipe(image=z, generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert out.shape == (2, 16, 4, 4)
+    # The first noised latents are sqrt(abar_t) z + sqrt(1 - abar_t) eps for the given z (not z re-encoded).
+    pipe.scheduler.set_timesteps(10)
+    timestep = pipe.scheduler.timesteps[2:3]  # strength 0.8 of 10 steps starts at the 3rd
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    expected = pipe.scheduler.add_noise(z, eps, timestep)
+    got = pipe.prepare_latents(z, timestep, 2, 1, torch.float32, "cpu", torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    plain = StableDiffusionImg2ImgPipeline(**pipe.components)
+    with pytest.raises(RuntimeError):  # diffusers treats them as an image (resize, encode): why the subclass exists
+        plain(image=z, generator=torch.Generator().manual_seed(3), **kwargs)
 
 
 def test_missing_folder_names_the_layout(tmp_path):

@@ -1,0 +1,39 @@
+"""diffusers' img2img pipeline, taking latents of any channel count as ``image``.
+
+``StableDiffusionImg2ImgPipeline`` recognises latents passed as ``image`` by
+``image.shape[1] == 4`` (SD's latent channels) and its image processor does the same
+with a default of 4. A VAE with more latent channels (the small LDM uses 16, as SD3
+and FLUX do, see train_ldm) would have its latents encoded again as if they were an
+image. This subclass compares with the VAE's own ``latent_channels`` instead; for a
+4-channel VAE it is diffusers' pipeline unchanged.
+"""
+from __future__ import annotations
+
+from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+SD_LATENT_CHANNELS = 4  # the value diffusers' img2img hard-codes
+
+
+class LatentImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
+    """``StableDiffusionImg2ImgPipeline`` that accepts ``image`` = scaled latents (B, C, h, w)
+    for the VAE's C (diffusers accepts only C = 4)."""
+
+    def __call__(self, *args, **kwargs):
+        # Set here, not in __init__: diffusers builds pipelines from __init__'s exact signature.
+        if self.image_processor.config.vae_latent_channels != self.vae.config.latent_channels:
+            self.image_processor.register_to_config(vae_latent_channels=self.vae.config.latent_channels)
+        return super().__call__(*args, **kwargs)
+
+    def prepare_latents(self, image, timestep, batch_size, num_images_per_prompt, dtype, device, generator=None):
+        """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps with z_0 = ``image`` when it is latents."""
+        channels = self.vae.config.latent_channels
+        if channels == SD_LATENT_CHANNELS or image.shape[1] != channels:
+            return super().prepare_latents(image, timestep, batch_size, num_images_per_prompt, dtype, device,
+                                           generator)
+        if batch_size * num_images_per_prompt != image.shape[0]:
+            raise ValueError(f"{image.shape[0]} init latents for {batch_size * num_images_per_prompt} images; "
+                             "pass one latent per prompt")
+        init_latents = image.to(device=device, dtype=dtype)
+        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+        return self.scheduler.add_noise(init_latents, noise, timestep)
