@@ -285,8 +285,10 @@ def main_cpu(args) -> dict:
     model = None if args.bundle else f"{args.model} architecture, random weights"
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle is None:
-            build = tiny_bundle if args.model == "tiny" else build_small_ldm_bundle
-            args.bundle = build(Path(tmp), args.steps)
+            if args.model == "tiny":
+                args.bundle = tiny_bundle(Path(tmp), args.steps)
+            else:
+                args.bundle = build_small_ldm_bundle(Path(tmp), args.steps, args.params)
         reference = run_worker("reference", args, [])
         runtime = run_worker("runtime", args, ["--backend", "ort-cpu"])
         manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
@@ -357,14 +359,15 @@ def build_sd14_bundle(root: Path, steps: int) -> Path:
                          fp16=True, trt_batch_sizes=GPU_BATCHES, unet_atol=1e-2, vae_atol=1e-2, fp16_atol=1.0)
 
 
-def build_small_ldm_bundle(root: Path, steps: int) -> Path:
-    """The project's default small LDM architecture (train_ldm defaults, 64 px) with random weights."""
+def build_small_ldm_bundle(root: Path, steps: int, params: Path = Path("params.yaml")) -> Path:
+    """The default small LDM's architecture (params' ``train_ldm`` section) with random weights."""
     import torch
 
+    from brainldm.train.config import load_config
     from brainldm.train.train_ldm import TrainLdmConfig, build_models
 
     torch.manual_seed(0)
-    vae, _, unet = build_models(TrainLdmConfig(), vocab_size=1000, bos=0, eos=1)
+    vae, _, unet = build_models(load_config(TrainLdmConfig, "train_ldm", params), vocab_size=1000, bos=0, eos=1)
     return random_bundle(root, "small-ldm", vae, unet, steps, tensorrt=False)
 
 
@@ -418,7 +421,9 @@ def parse_args(argv=None):
     parser.add_argument("--bundle", type=Path, default=None, help="bundle to benchmark (CPU mode; default: tiny model)")
     parser.add_argument("--model", choices=("tiny", "small-ldm"), default="small-ldm",
                         help="CPU mode without --bundle: the tests' tiny model or the default small LDM's "
-                             "architecture (64 px), random weights")
+                             "architecture (from --params), random weights")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="small-ldm: the architecture is read from this file's train_ldm section")
     parser.add_argument("--batches", type=int, nargs="+", default=[4], help="batch sizes (CPU mode)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the tiny/GPU bundle built here")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each side (torch and onnxruntime)")
