@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--batch-size", type=_positive, default=8, help="(item, sample) pairs per UNet batch")
     rec.add_argument("--samples", type=_positive, default=None, help="samples per item (default: the bundle's)")
     rec.add_argument("--seed", type=int, default=None, help="noise seed (default: the bundle's)")
-    rec.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
+    rec.add_argument("--threads", type=int, default=0,
+                     help="CPU threads (0 = all cores); ort-cpu splits each batch over them")
     rec.add_argument("--fp16", action="store_true", help="ONNX backends: use the bundle's fp16 UNet/VAE graphs")
     rec.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     return parser

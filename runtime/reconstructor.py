@@ -64,7 +64,7 @@ class Reconstructor:
     Args:
         bundle_dir: folder written by ``brainldm.export.export``.
         backend: "ort-cpu" (default), "ort-cuda", "ort-trt" or "tensorrt".
-        threads: onnxruntime intra-op threads (0 = all cores).
+        threads: CPU threads (0 = all cores); ort-cpu splits each batch over them (SplitCpuModel).
         verify: check every bundle file's sha256 at load.
         fp16: ONNX backends use the fp16 UNet/VAE graphs (export.fp16); TensorRT engines are fp16 anyway.
     """

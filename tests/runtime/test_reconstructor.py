@@ -117,3 +117,18 @@ def test_io_binding_path_and_static_inputs(rec):
     feeds["encoder_hidden_states"] = hidden.copy()  # a new array object is always sent
     bound.run(feeds, static)
     assert bound.device_inputs["encoder_hidden_states"][1] is not cached
+
+
+def test_split_batch_cpu_model_matches_one_thread(rec, raw):
+    from brainldm.runtime.backends import SplitCpuModel
+
+    split = rr.Reconstructor(rec.bundle.root, threads=2)
+    assert isinstance(split.models["unet"], SplitCpuModel) and split.models["unet"]._threaded is None
+    args = (raw["betas"], raw["session"], raw["image_index"])
+    one = rec.reconstruct_float(*args, samples=2, seed=3, batch_size=3)
+    two = split.reconstruct_float(*args, samples=2, seed=3, batch_size=3)
+    assert np.abs(two - one).max() <= 1e-6
+    z = rec.decode(*args).z[:1]  # a batch of 1 < 2 threads runs on the intra-op-threaded session
+    np.testing.assert_allclose(split._run("vae_decoder", latents=z)[0], rec._run("vae_decoder", latents=z)[0],
+                               atol=1e-6)
+    assert split.models["vae_decoder"]._threaded is not None
