@@ -90,6 +90,14 @@ class OrtModel:
         return value
 
 
+def session_options(threads: int) -> ort.SessionOptions:
+    """onnxruntime options: ``threads`` intra-op threads (0 = ORT's default, all cores), errors-only log."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
 class SplitCpuModel:
     """ort-cpu on ``threads`` cores by data parallelism: the batch is cut into ``threads``
     chunks run side by side, each by a single-threaded session (onnxruntime releases the GIL).
@@ -100,9 +108,8 @@ class SplitCpuModel:
     A batch smaller than ``threads`` runs on an intra-op-threaded session made on first need.
     """
 
-    def __init__(self, path: Path, options: ort.SessionOptions, threads: int):
-        options.intra_op_num_threads = 1
-        self.single = OrtModel(path, ORT_PROVIDERS["ort-cpu"], options, binding_device=None)
+    def __init__(self, path: Path, threads: int):
+        self.single = OrtModel(path, ORT_PROVIDERS["ort-cpu"], session_options(1), binding_device=None)
         self.input_names, self.output_names = self.single.input_names, self.single.output_names
         self.path, self.threads = path, threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ort-cpu")
@@ -119,10 +126,7 @@ class SplitCpuModel:
 
     def _threaded_model(self) -> OrtModel:
         if self._threaded is None:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.log_severity_level = 3
-            self._threaded = OrtModel(self.path, ORT_PROVIDERS["ort-cpu"], options, binding_device=None)
+            self._threaded = OrtModel(self.path, ORT_PROVIDERS["ort-cpu"], session_options(self.threads), None)
         return self._threaded
 
 
@@ -139,17 +143,15 @@ class OrtBackend:
         self.threads = threads
 
     def load(self, bundle, model: str, fp16: bool = False) -> Model:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
+        threads = self.threads or os.cpu_count() or 1
+        if self.name == "ort-cpu" and threads > 1:
+            return SplitCpuModel(bundle.model_path(model, fp16), threads)
+        options = session_options(self.threads)
         providers = list(ORT_PROVIDERS[self.name])
         if self.name == "ort-trt":
             cache = ort_trt_cache(bundle)
             providers[0] = ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
                                                           "trt_engine_cache_path": str(cache)})
-        threads = self.threads or os.cpu_count() or 1
-        if self.name == "ort-cpu" and threads > 1:
-            return SplitCpuModel(bundle.model_path(model, fp16), options, threads)
         device = None if self.name == "ort-cpu" else "cuda"
         return OrtModel(bundle.model_path(model, fp16), providers, options, binding_device=device)
 

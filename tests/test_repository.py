@@ -3,13 +3,10 @@ and it can never receive a user's data by accident (it is not the default remote
 from __future__ import annotations
 
 import configparser
-from pathlib import Path
 
 import yaml
 
-from tests.dvc_store import store_path
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dvc_store import ROOT, store_path
 
 
 def _dvc_config() -> configparser.ConfigParser:

@@ -25,7 +25,7 @@ def default_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("default_parity")
     model = materialize("train_ldm", "models/ldm", root / "ldm")
     defaults = load_config(ReconstructConfig, "reconstruct", PARAMS)
-    ecfg, rc = make_configs(root, model=model, steps=defaults.steps)
+    ecfg, rc = make_configs(root, model=model)
     export_defaults = load_config(ExportConfig, "export", PARAMS)
     ecfg = dataclasses.replace(export_defaults, prepared_dir=ecfg.prepared_dir, targets_dir=ecfg.targets_dir,
                                models_dir=ecfg.models_dir, out_dir=ecfg.out_dir, tensorrt=False)

@@ -81,8 +81,7 @@ def write_targets(folder: Path, seed: int = 0, c_shape: tuple = C_SHAPE) -> None
         f["uncond"] = rng.standard_normal(c_shape).astype(np.float32)
 
 
-def make_configs(root: Path, model: Path | None = None, steps: int = 10,
-                 **export_overrides) -> tuple[ex.ExportConfig, ReconstructConfig]:
+def make_configs(root: Path, model: Path | None = None, **export_overrides) -> tuple[ex.ExportConfig, ReconstructConfig]:
     """Write every input under ``root`` (once) and return the export and reconstruct configs.
 
     model: an SD-v1 diffusers folder (default: a tiny random one written to ``root/ldm``);
@@ -100,7 +99,7 @@ def make_configs(root: Path, model: Path | None = None, steps: int = 10,
         write_targets(root / "targets", c_shape=c_shape)
     ecfg = ex.ExportConfig(prepared_dir=str(root / "prepared"), targets_dir=str(root / "targets"),
                            models_dir=str(root / "decoders"), out_dir=str(root / "bundles"), **export_overrides)
-    rc = ReconstructConfig(model=str(model), pairs={PAIR: PairConfig(z="gcn-z", c="cnn-c")}, samples=2, steps=steps,
+    rc = ReconstructConfig(model=str(model), pairs={PAIR: PairConfig(z="gcn-z", c="cnn-c")}, samples=2, steps=10,
                            strength=0.8, guidance=5.0, seed=42, batch_size=4,
                            decode_dir=str(root / "decode"), targets_dir=str(root / "targets"))
     return ecfg, rc
