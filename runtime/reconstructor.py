@@ -104,7 +104,8 @@ class Reconstructor:
         return np.stack([numpy_noise(seed, int(i), int(s), stream, self.latent_shape) for i, s in zip(items, samples)])
 
     def generate(self, z: np.ndarray, c: np.ndarray, items: np.ndarray, samples: np.ndarray, seed: int,
-                 noise: dict | None = None, on_step: StepCallback | None = None) -> np.ndarray:
+                 noise: dict | None = None, on_step: StepCallback | None = None,
+                 init: np.ndarray | None = None) -> np.ndarray:
         """img2img from predicted latents and text states; returns images (B, R, R, 3) float32 in [0, 1].
 
         Args:
@@ -113,18 +114,12 @@ class Reconstructor:
             noise: optional {"posterior", "diffusion"} -> (m, K, C, h', w') float32 given noise,
                 indexed [items, samples], instead of the seeded draws.
             on_step: called after every DDIM step with (i, t, latents).
+            init: optional (B, C, h', w') float32 re-encoded latents x scaling that replace steps 1-3
+                (parity feeds the reference's, to compare the denoising loop from identical inputs).
         """
         g = self.generation
-        # 1. Decode z (the VAE decoder takes unscaled latents) and clamp, as reencode_latents.
-        image = np.clip(self._run("vae_decoder", latents=z / self.scaling)[0], -1.0, 1.0)
-        # 2. Resize to the generation resolution (torch-bicubic in numpy; no-op at the native size).
-        if image.shape[-1] != self.resolution:
-            image = preprocess.resize_bicubic(image, self.resolution)
-        # 3. Encode again: posterior mean (+ std * stream-0 noise), times the scaling factor.
-        mean, std = self._run("vae_encoder", image=image)
-        if g["encode_mode"] == "sample":
-            mean = mean + std * self._noise(NOISE_STREAM_POSTERIOR, items, samples, seed, noise)
-        init = mean * self.scaling
+        if init is None:
+            init = self.reencode(z, items, samples, seed, noise)
         # 4. Forward diffusion to the strength's first timestep with stream-1 noise.
         self.scheduler.set_timesteps(int(g["steps"]))
         timesteps = self.scheduler.img2img_timesteps(float(g["strength"]))
@@ -143,6 +138,21 @@ class Reconstructor:
         # 6. Decode and map [-1, 1] -> [0, 1] like diffusers' postprocess; NCHW -> NHWC.
         image = self._run("vae_decoder", latents=latents / self.scaling)[0]
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+    def reencode(self, z: np.ndarray, items: np.ndarray, samples: np.ndarray, seed: int,
+                  noise: dict | None) -> np.ndarray:
+        """Steps 1-3 of :meth:`generate`: z (B, C, h, w) -> init latents (B, C, h', w'), both x scaling."""
+        g = self.generation
+        # 1. Decode z (the VAE decoder takes unscaled latents) and clamp, as reencode_latents.
+        image = np.clip(self._run("vae_decoder", latents=z / self.scaling)[0], -1.0, 1.0)
+        # 2. Resize to the generation resolution (torch-bicubic in numpy; no-op at the native size).
+        if image.shape[-1] != self.resolution:
+            image = preprocess.resize_bicubic(image, self.resolution)
+        # 3. Encode again: posterior mean (+ std * stream-0 noise), times the scaling factor.
+        mean, std = self._run("vae_encoder", image=image)
+        if g["encode_mode"] == "sample":
+            mean = mean + std * self._noise(NOISE_STREAM_POSTERIOR, items, samples, seed, noise)
+        return mean * self.scaling
 
     def iter_batches(self, decoded: Decoded, samples: int, seed: int, noise: dict | None = None,
                      batch_size: int = 8, progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

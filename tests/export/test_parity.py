@@ -27,6 +27,8 @@ def test_runtime_matches_reference_step_by_step(setup):
     assert m["pred_z_max_abs"] <= 1e-5 and m["pred_c_max_abs"] <= 1e-5
     assert len(m["latent_max_abs_per_step"]) == 8  # strength 0.8 of 10 steps
     assert m["latent_max_abs"] <= 1e-4
+    # the VAE round trip and the whole chain are reported too (each side from its own predictions)
+    assert 0 < m["init_latent_max_abs"] <= 1e-3 and m["end_to_end_latent_max_abs"] >= m["latent_max_abs"] / 10
     assert m["image_max_abs"] <= 1e-2 and m["uint8_max_abs"] <= 1
     assert m["passed"] is True and m["tolerances"]["judged_by"] == "max_abs"
     assert m["image_psnr_db"] > 60

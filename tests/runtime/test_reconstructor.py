@@ -56,6 +56,15 @@ def test_given_noise_replaces_the_seeded_draws(rec, raw):
     assert not np.allclose(rec.generate(decoded.z[items], decoded.c[items], items, samples, 0, noise), seeded)
 
 
+def test_given_init_latents_replace_the_reencoding(rec, raw):
+    decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"])
+    items, samples = np.array([0, 1]), np.array([0, 1])
+    z, c = decoded.z[items], decoded.c[items]
+    init = rec.reencode(z, items, samples, 7, None)
+    np.testing.assert_array_equal(rec.generate(z, c, items, samples, 7, init=init), rec.generate(z, c, items, samples, 7))
+    assert not np.allclose(rec.generate(z, c, items, samples, 7, init=init + 0.5), rec.generate(z, c, items, samples, 7))
+
+
 def test_matches_reference_reconstruct_batch(rec, raw, tmp_path):
     """Same z, c, items and noise seeds as the reference stage: images agree to 1e-2 (fp32 CPU)."""
     decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"])

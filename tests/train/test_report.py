@@ -21,7 +21,7 @@ def results(tmp_path):
                {"pairs": {"baseline": {"pixcorr": summary}, "ours": {"pixcorr": dict(summary, mean=0.7)}},
                 "protocol": {"test_images": 60, "samples_per_image": 5}})
     _write(tmp_path / "parity" / "a-ours.json",
-           {"backend": "ort-cpu", "pred_z_max_abs": 1e-7, "pred_c_max_abs": 2e-8, "latent_max_abs": 1.4e-5, "latent_tolerance_ratio": 0.14,
+           {"backend": "ort-cpu", "pred_z_max_abs": 1e-7, "pred_c_max_abs": 2e-8, "init_latent_max_abs": 3.5e-4, "latent_max_abs": 1.4e-5, "latent_tolerance_ratio": 0.14,
             "image_max_abs": 5e-7, "passed": True, "tolerances": {"pred": 1e-4, "latent": 1e-4, "image": 1e-2}})
     return report.ReportConfig(datasets=("a", "b"), decoders=("ridge-z", "gcn-z"), decode_dir=str(tmp_path / "decode"),
                                evaluate_dir=str(tmp_path / "evaluate"), parity_dir=str(tmp_path / "parity"),
@@ -34,7 +34,7 @@ def test_report_tables_hold_our_numbers_and_label_theirs(results):
     assert "| ridge-z | z | ridge | 0.900 |" in text and "| 0.754 | 0.743 |" in text
     assert "| a | ours | 0.700 [0.590, 0.630] |" in text
     assert "test_images: 60" in text and "theirs" in text
-    assert "| a-ours | ort-cpu | 1.0e-07 | 2.0e-08 | 1.4e-05 | 14% | 5.0e-07 | yes |" in text
+    assert "| a-ours | ort-cpu | 1.0e-07 | 2.0e-08 | 3.5e-04 | 1.4e-05 | 14% | 5.0e-07 | yes |" in text
 
 
 def test_missing_metrics_file_is_named(results, tmp_path):
