@@ -8,9 +8,10 @@ Reference path: the prepared test split -> torch decoders (as the decode stage) 
 latents after every DDIM step of the runtime's loop started from the reference's init latents
 (fp32 CPU tolerance 1e-4; the VAE round trip before the loop is reported apart, as
 ``init_latent_max_abs``: torch's fp32 VAE decoder is itself up to ~4e-4 from float64 on
-out-of-distribution latents, ORT's ~3e-6) and final images end to end in [0, 1] (max abs 1e-2); fp16 graphs and TensorRT backends are judged by image PSNR instead
-(``psnr_min``), as their per-step latents legitimately drift. The metrics JSON is
-written in any case; a failed check exits non-zero.
+out-of-distribution latents, ORT's ~3e-6) and final images end to end in [0, 1] (max abs
+1e-2); fp16 graphs and TensorRT backends are judged by image PSNR instead (``psnr_min``),
+as their per-step latents legitimately drift. The metrics JSON is written in any case; a
+failed check exits non-zero.
 """
 from __future__ import annotations
 
@@ -148,14 +149,15 @@ def compare_generation(rec: Reconstructor, pipe, ref: dict, run: dict, rc: Recon
     for start in range(0, len(items), cfg.batch_size):
         it, sa = items[start:start + cfg.batch_size], samples[start:start + cfg.batch_size]
         expected, ref_steps, ref_init = reference_run(pipe, ref["z"][it], ref["c"][it], rec.bundle.uncond, it, sa, rc)
-        got, e2e_steps = runtime_run(rec, run["z"][it], run["c"][it], it, sa, rc.seed)
+        run_init = rec.reencode(run["z"][it], it, sa, rc.seed, None)
+        got, e2e_steps = runtime_run(rec, run["z"][it], run["c"][it], it, sa, rc.seed, init=run_init)
         _, loop_steps = runtime_run(rec, ref["z"][it], ref["c"][it], it, sa, rc.seed, init=ref_init)
         errors, batch_ratio = step_differences(ref_steps, loop_steps, cfg)
         step_errors = errors if step_errors is None else np.maximum(step_errors, errors).tolist()
         e2e = step_differences(ref_steps, e2e_steps, cfg)[0]
         e2e_errors = e2e if e2e_errors is None else np.maximum(e2e_errors, e2e).tolist()
         ratio = max(ratio, batch_ratio)
-        init_error = max(init_error, float(np.abs(rec.reencode(run["z"][it], it, sa, rc.seed, None) - ref_init).max()))
+        init_error = max(init_error, float(np.abs(run_init - ref_init).max()))
         image_error = max(image_error, float(np.abs(got - expected).max()))
         squared.append(((got.astype(np.float64) - expected) ** 2).ravel())
         uint8_error = max(uint8_error, int(np.abs(to_uint8(got).astype(int) - to_uint8(expected).astype(int)).max()))

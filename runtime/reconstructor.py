@@ -140,7 +140,7 @@ class Reconstructor:
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
 
     def reencode(self, z: np.ndarray, items: np.ndarray, samples: np.ndarray, seed: int,
-                  noise: dict | None) -> np.ndarray:
+                 noise: dict | None) -> np.ndarray:
         """Steps 1-3 of :meth:`generate`: z (B, C, h, w) -> init latents (B, C, h', w'), both x scaling."""
         g = self.generation
         # 1. Decode z (the VAE decoder takes unscaled latents) and clamp, as reencode_latents.

@@ -103,7 +103,8 @@ def parity_table(folder: Path) -> list[str]:
     for path in files:
         m = _read_json(path)
         lines.append(f"| {path.stem} | {m['backend']} | {m['pred_z_max_abs']:.1e} | {m['pred_c_max_abs']:.1e} | "
-                     f"{m.get('init_latent_max_abs', float('nan')):.1e} | {m['latent_max_abs']:.1e} | {m.get('latent_tolerance_ratio', float('nan')):.0%} | "
+                     f"{m.get('init_latent_max_abs', float('nan')):.1e} | {m['latent_max_abs']:.1e} | "
+                     f"{m.get('latent_tolerance_ratio', float('nan')):.0%} | "
                      f"{m['image_max_abs']:.1e} | {'yes' if m['passed'] else 'NO'} |")
     tol = _read_json(files[0]).get("tolerances", {})
     lines += ["", f"Max abs differences; tolerances: predictions {tol.get('pred')}, latents |diff| <= "
