@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from brainldm.runtime.atomic import write_text_atomic
+from brainldm.train import ldm_eval as E
 from brainldm.train import scenes
 from brainldm.train import train_ldm as T
 from brainldm.train.config import load_config
@@ -38,7 +39,7 @@ def probe(model: str, n_images: int, timesteps: list[int], scales: list[float]) 
     gt, captions, _, _ = scenes.generate(n_images, cfg.eval.seed, cfg.image_size, cfg.n_captions)
     pipe = load_image_model(model, device="cpu")
     z = pipe.vae.encode(T.to_tensor(gt)).latent_dist.mean * pipe.vae.config.scaling_factor
-    c, uncond = T.text_states(pipe, captions), T.text_states(pipe, [[""]]).expand(n_images, -1, -1)
+    c, uncond = E.text_states(pipe, captions), E.text_states(pipe, [[""]]).expand(n_images, -1, -1)
     abar = pipe.scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(0)
     out = {"model": model, "latent_channels": int(z.shape[1]), "n_images": n_images, "x0_hat_pixcorr": {}}
@@ -50,9 +51,9 @@ def probe(model: str, n_images: int, timesteps: list[int], scales: list[float]) 
         eps_u = pipe.unet(z_t, t, encoder_hidden_states=uncond).sample
         for w in scales:
             x0 = (z_t - (1 - abar[t]).sqrt() * (eps_u + w * (eps_c - eps_u))) / abar[t].sqrt()
-            out["x0_hat_pixcorr"][f"t{t}_w{w:g}"] = T.mean_pixcorr(gt, to_uint8(pipe, x0))
+            out["x0_hat_pixcorr"][f"t{t}_w{w:g}"] = E.mean_pixcorr(gt, to_uint8(pipe, x0))
     # 3. Full img2img as the train_ldm stage runs it, at each guidance scale.
-    out["img2img_pixcorr"] = {f"w{w:g}": T.mean_pixcorr(gt, T.img2img(pipe, z, c, uncond[:1], dataclasses.replace(
+    out["img2img_pixcorr"] = {f"w{w:g}": E.mean_pixcorr(gt, E.img2img(pipe, z, c, uncond[:1], dataclasses.replace(
         cfg.eval, guidance=w))) for w in scales + [3.0]}
     return out
 

@@ -71,6 +71,11 @@ class UnetConfig:
     batch_size: int = 32
     lr: float = 1e-3
     caption_dropout: float = 0.1
+    # Min-SNR-gamma loss weights (Hang et al. 2023); 0 = plain epsilon MSE.
+    min_snr_gamma: float = 0.0
+    # Exponential moving average of the text encoder + UNet weights saved instead of the
+    # last iterate; 0 = off.
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,23 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def denoising_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, noise_sched, gamma: float) -> tuple[torch.Tensor, float]:
+    """Epsilon loss, Min-SNR-gamma weighted when gamma > 0, and the plain MSE (for the log).
+
+    L = mean_b w_b ||eps_b - eps_theta_b||^2 / D, w_b = min(SNR(t_b), gamma) / SNR(t_b),
+    SNR(t) = abar_t / (1 - abar_t). pred, eps (B, C, h, w); t (B,) int64.
+    """
+    from diffusers.training_utils import compute_snr
+
+    if gamma <= 0:
+        loss = torch.nn.functional.mse_loss(pred, eps)
+        return loss, float(loss)
+    per_sample = (pred - eps).pow(2).flatten(1).mean(1)
+    plain = float(per_sample.mean())
+    snr = compute_snr(noise_sched, t).to(per_sample.device)
+    return (per_sample * snr.clamp(max=gamma) / snr).mean(), plain
+
+
 def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor,
                    empty_ids: torch.Tensor, sf: float, cfg: UnetConfig, device: torch.device,
                    gen: torch.Generator) -> list[float]:
@@ -199,14 +221,18 @@ def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token
 
     latents: posterior (mean, std), each (N, C, h, w); token_ids (N, K, 77): K captions
     per image; empty_ids (77,): the empty caption (used with prob ``caption_dropout``).
-    Loss ||eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c)||^2, z0 = sf * sample.
+    Loss ||eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c)||^2, z0 = sf * sample,
+    see ``denoising_loss``. With ``ema_decay`` > 0 the models end holding the EMA weights.
+    Returns the plain MSE per step.
     """
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     noise_sched = DDPMScheduler(**SCHEDULE)
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     text.to(device).train()
     unet.to(device).train()
     mean, std = latents
@@ -223,13 +249,17 @@ def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token
         zt = noise_sched.add_noise(z0, eps, t)
         states = text(ids.to(device)).last_hidden_state
         pred = unet(zt.to(device), t.to(device), encoder_hidden_states=states).sample
-        loss = torch.nn.functional.mse_loss(pred, eps.to(device))
+        loss, plain = denoising_loss(pred, eps.to(device), t, noise_sched, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        if ema is not None:
+            ema.step(params)
+        losses.append(plain)
+    if ema is not None:
+        ema.copy_to(params)
     return losses
 
 
@@ -286,138 +316,9 @@ def train(cfg: TrainLdmConfig) -> dict:
     return record
 
 
-EVAL_SIZE = 425  # MindEye convention: metrics at 425 px, bilinear
-
-
-def _resize(images: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(im).resize((EVAL_SIZE, EVAL_SIZE), Image.BILINEAR)) for im in images])
-
-
-def pixcorr(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Per-image Pearson r (N,) of flattened RGB at 425 px. gt, pred (N, H, W, 3) uint8."""
-    a = _resize(gt).reshape(len(gt), -1).astype(np.float64)
-    b = _resize(pred).reshape(len(pred), -1).astype(np.float64)
-    a -= a.mean(1, keepdims=True)
-    b -= b.mean(1, keepdims=True)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
-
-
-def ssim(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Per-image grey-scale SSIM (N,) at 425 px (gaussian, sigma 1.5). gt, pred (N, H, W, 3) uint8."""
-    from skimage.color import rgb2gray
-    from skimage.metrics import structural_similarity
-
-    return np.array([
-        structural_similarity(rgb2gray(a), rgb2gray(b), gaussian_weights=True, sigma=1.5,
-                              use_sample_covariance=False, data_range=1.0)
-        for a, b in zip(_resize(gt), _resize(pred))
-    ])
-
-
-try:  # the project's shared definitions (same protocol), where that module exists
-    from brainldm.train.metrics import pixcorr, ssim  # noqa: F811
-except ImportError:
-    pass
-
-
-def mean_pixcorr(gt: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean(pixcorr(gt, pred)))
-
-
-def mean_ssim(gt: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean(ssim(gt, pred)))
-
-
-def main_colour_accuracy(images: np.ndarray, scene_list: list, labels: np.ndarray) -> float:
-    """Fraction of images whose mean colour on the main object's visible pixels is nearest
-    (RGB distance) to palette colour ``labels`` (n,) int64. images (n, S, S, 3) uint8."""
-    size = images.shape[1]
-    coords = (np.arange(size) + 0.5) / size
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    palette = np.array(list(scenes.COLOURS.values()), dtype=np.float64)
-    hits = []
-    for image, scene, label in zip(images, scene_list, labels):
-        mask = scenes.shape_mask(scene.objects[0], xx, yy)
-        for other in scene.objects[1:]:
-            mask &= ~scenes.shape_mask(other, xx, yy)
-        mean = image[mask].astype(np.float64).mean(0) if mask.any() else np.zeros(3)
-        hits.append(np.argmin(((palette - mean) ** 2).sum(1)) == label)
-    return float(np.mean(hits))
-
-
-@torch.no_grad()
-def text_states(pipe, caption_lists: list[list[str]]) -> torch.Tensor:
-    """c (N, 77, D) float32: last_hidden_state averaged over each image's captions."""
-    out = []
-    for caps in caption_lists:
-        ids = tokenize(pipe.tokenizer, caps).to(pipe.device)
-        out.append(pipe.text_encoder(ids).last_hidden_state.mean(0))
-    return torch.stack(out)
-
-
-def img2img(pipe, z: torch.Tensor, c: torch.Tensor, uncond: torch.Tensor, cfg: EvalConfig) -> np.ndarray:
-    """Reconstruct from scaled latents z (N, C, h, w) and c (N, 77, D); returns (N, S, S, 3) uint8."""
-    out = []
-    for s in range(0, len(z), cfg.batch_size):
-        zb, cb = z[s:s + cfg.batch_size], c[s:s + cfg.batch_size]
-        images = pipe(prompt_embeds=cb, negative_prompt_embeds=uncond.expand_as(cb), image=zb,
-                      strength=cfg.strength, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                      generator=torch.Generator(pipe.device).manual_seed(cfg.seed + s), output_type="np").images
-        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
-
-
-@torch.no_grad()
-def evaluate(cfg: TrainLdmConfig) -> dict:
-    """Held-out metrics of the saved model ``cfg.out`` (scenes from ``cfg.eval.seed``)."""
-    from brainldm.train.image_model import load_image_model
-
-    if cfg.eval.seed == cfg.seed:
-        raise ValueError("train_ldm.eval.seed must differ from train_ldm.seed (held-out scenes)")
-    # 1. Held-out scenes and the model.
-    gt, captions, labels, scene_list = scenes.generate(cfg.eval.n_images, cfg.eval.seed, cfg.image_size, cfg.n_captions)
-    pipe = load_image_model(cfg.out, device=str(resolve_device(cfg.device)))
-    x = to_tensor(gt).to(pipe.device)
-    # 2. VAE round trip through the posterior mean.
-    z = torch.cat([pipe.vae.encode(x[s:s + cfg.eval.batch_size]).latent_dist.mean for s in range(0, len(x), cfg.eval.batch_size)])
-    recon = pipe.vae.decode(z).sample
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    # 3. img2img from true z and c, then with each image's captions swapped for another's.
-    z = z * pipe.vae.config.scaling_factor
-    c = text_states(pipe, captions)
-    uncond = text_states(pipe, [[""]])
-    true = img2img(pipe, z, c, uncond, cfg.eval)
-    order = _swap_order(labels["colour"])
-    swapped = img2img(pipe, z, c[order], uncond, cfg.eval)
-    return {
-        "n_images": len(gt), "eval_seed": cfg.eval.seed,
-        "vae_pixcorr": mean_pixcorr(gt, recon), "vae_ssim": mean_ssim(gt, recon),
-        "img2img_pixcorr": mean_pixcorr(gt, true), "img2img_ssim": mean_ssim(gt, true),
-        "img2img_colour_acc": main_colour_accuracy(true, scene_list, labels["colour"]),
-        "swapped_pixcorr": mean_pixcorr(gt, swapped), "swapped_ssim": mean_ssim(gt, swapped),
-        "swapped_colour_acc": main_colour_accuracy(swapped, scene_list, labels["colour"]),
-        "swapped_colour_acc_vs_donor": main_colour_accuracy(swapped, scene_list, labels["colour"][order]),
-        "gt_colour_acc": main_colour_accuracy(gt, scene_list, labels["colour"]),
-    }
-
-
-def _swap_order(colours: np.ndarray) -> np.ndarray:
-    """For each image, the next image (cyclically) whose main colour differs (a caption donor)."""
-    n = len(colours)
-    order = np.arange(n)
-    for i in range(n):
-        order[i] = next(((i + k) % n for k in range(1, n) if colours[(i + k) % n] != colours[i]), (i + 1) % n)
-    return order
-
-
-def folder_megabytes(folder: str | Path) -> float:
-    """Total size of the files under ``folder`` in MB (1e6 bytes)."""
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
-
-
 def main(argv: list[str] | None = None) -> int:
+    from brainldm.train.ldm_eval import evaluate, folder_megabytes
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="overrides train_ldm.device")
