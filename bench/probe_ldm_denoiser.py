@@ -22,6 +22,7 @@ from brainldm.train import scenes
 from brainldm.train import train_ldm as T
 from brainldm.train.config import load_config
 from brainldm.train.image_model import load_image_model
+from brainldm.train.targets import TargetsConfig, encode_texts
 
 DEFAULT_OUT = Path("bench/results/probe_ldm_denoiser.json")
 
@@ -39,7 +40,8 @@ def probe(model: str, n_images: int, timesteps: list[int], scales: list[float]) 
     gt, captions, _, _ = scenes.generate(n_images, cfg.eval.seed, cfg.image_size, cfg.n_captions)
     pipe = load_image_model(model, device="cpu")
     z = pipe.vae.encode(T.to_tensor(gt)).latent_dist.mean * pipe.vae.config.scaling_factor
-    c, uncond = E.text_states(pipe, captions), E.text_states(pipe, [[""]]).expand(n_images, -1, -1)
+    c, uncond = (torch.from_numpy(a) for a in encode_texts(pipe, captions, TargetsConfig()))
+    uncond = uncond.expand(n_images, -1, -1)
     abar = pipe.scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(0)
     out = {"model": model, "latent_channels": int(z.shape[1]), "n_images": n_images, "x0_hat_pixcorr": {}}

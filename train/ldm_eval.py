@@ -13,7 +13,8 @@ import torch
 
 from brainldm.train import scenes
 from brainldm.train.metrics import pixcorr, ssim
-from brainldm.train.train_ldm import EvalConfig, TrainLdmConfig, resolve_device, to_tensor, tokenize
+from brainldm.train.targets import TargetsConfig, encode_texts
+from brainldm.train.train_ldm import EvalConfig, TrainLdmConfig, resolve_device, to_tensor
 
 
 def mean_pixcorr(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -43,18 +44,8 @@ def main_colour_accuracy(images: np.ndarray, scene_list: list, labels: np.ndarra
     return float(np.mean(hits))
 
 
-@torch.no_grad()
-def text_states(pipe, caption_lists: list[list[str]]) -> torch.Tensor:
-    """c (N, 77, D) float32: last_hidden_state averaged over each image's captions."""
-    out = []
-    for caps in caption_lists:
-        ids = tokenize(pipe.tokenizer, caps).to(pipe.device)
-        out.append(pipe.text_encoder(ids).last_hidden_state.mean(0))
-    return torch.stack(out)
-
-
 def img2img(pipe, z: torch.Tensor, c: torch.Tensor, uncond: torch.Tensor, cfg: EvalConfig) -> np.ndarray:
-    """Reconstruct from scaled latents z (N, C, h, w) and c (N, 77, D); returns (N, S, S, 3) uint8."""
+    """Reconstruct from scaled latents z (N, C, h, w), c (N, 77, D) and uncond (77, D); returns (N, S, S, 3) uint8."""
     out = []
     for s in range(0, len(z), cfg.batch_size):
         zb, cb = z[s:s + cfg.batch_size], c[s:s + cfg.batch_size]
@@ -82,8 +73,7 @@ def evaluate(cfg: TrainLdmConfig) -> dict:
     recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     # 3. img2img from true z and c, then with each image's captions swapped for another's.
     z = z * pipe.vae.config.scaling_factor
-    c = text_states(pipe, captions)
-    uncond = text_states(pipe, [[""]])
+    c, uncond = (torch.from_numpy(a).to(pipe.device) for a in encode_texts(pipe, captions, TargetsConfig()))
     true = img2img(pipe, z, c, uncond, cfg.eval)
     order = swap_order(labels["colour"])
     swapped = img2img(pipe, z, c[order], uncond, cfg.eval)
