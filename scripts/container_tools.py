@@ -104,8 +104,8 @@ def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def scan_rootfs(root: Path, target: str, secret: Path | None = None) -> dict:
-    """Problems found in an image's root filesystem (empty list = clean)."""
+def _expected_layout_problems(root: Path, target: str) -> list[str]:
+    """Paths that must (not) exist in the image: build leftovers, the project (artifact only), build tools."""
     problems: list[str] = []
     must_not_exist = ["src", "opt/dist", "opt/build", "root/.cache", "home/brainldm/.cache",
                       "opt/venv/bin/pip", "opt/venv/bin/pip3"]
@@ -130,40 +130,57 @@ def scan_rootfs(root: Path, target: str, secret: Path | None = None) -> dict:
         for bindir in ("usr/bin", "usr/local/bin", "bin"):
             if (root / bindir / tool).exists():
                 problems.append(f"build tool: /{bindir}/{tool}")
+    return problems
+
+
+def _walk(root: Path):
+    """Yield (relative path, path, is_dir) for everything under ``root`` except /proc, /sys and /dev."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here == root:
+            dirnames[:] = [d for d in dirnames if d not in ("proc", "sys", "dev")]
+        rel_dir = _rel(root, here) if here != root else ""
+        for names, is_dir in ((dirnames, True), (filenames, False)):
+            for name in names:
+                yield f"{rel_dir}/{name}".lstrip("/"), here / name, is_dir
+
+
+def _is_secret_copy(path: Path, secret: Path, secret_size: int, secret_sha: str) -> bool:
+    """Whether the regular file ``path`` has the CA bundle's size and sha256 (size first: cheap)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        same_size = path.stat().st_size == secret_size
+    except OSError:
+        return False
+    return same_size and sha256_file(path) == secret_sha
+
+
+def scan_rootfs(root: Path, target: str, secret: Path | None = None) -> dict:
+    """Problems found in an image's root filesystem (empty list = clean)."""
+    problems = _expected_layout_problems(root, target)
     secret_size = secret.stat().st_size if secret else None
     secret_sha = sha256_file(secret) if secret else None
     own_ca_equals_secret = False
     files = 0
-    skip_dirs = {"proc", "sys", "dev"}
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        if here == root:
-            dirnames[:] = [d for d in dirnames if d not in skip_dirs]
-        rel_dir = _rel(root, here) if here != root else ""
-        for d in dirnames:
-            rel = f"{rel_dir}/{d}".lstrip("/")
-            if d in (".git", ".venv", ".pytest_cache") or (d == ".cache" and not rel.startswith("opt/venv/")):
+    for rel, path, is_dir in _walk(root):
+        name = path.name
+        if is_dir:
+            if name in (".git", ".venv", ".pytest_cache") or (name == ".cache" and not rel.startswith("opt/venv/")):
                 problems.append(f"present: /{rel}")
-            if d == "__pycache__" and not rel.startswith(BYTECODE_OK):
+            if name == "__pycache__" and not rel.startswith(BYTECODE_OK):
                 problems.append(f"bytecode cache outside installed packages: /{rel}")
-        for name in filenames:
-            path = here / name
-            rel = f"{rel_dir}/{name}".lstrip("/")
-            files += 1
-            if name in CREDENTIAL_NAMES:
-                problems.append(f"credential-like file: /{rel}")
-            if name.endswith(".pyc") and not rel.startswith(BYTECODE_OK):
-                problems.append(f"bytecode outside installed packages: /{rel}")
-            if secret is not None and not path.is_symlink() and path.is_file():
-                try:
-                    same_size = path.stat().st_size == secret_size
-                except OSError:
-                    continue
-                if same_size and sha256_file(path) == secret_sha:
-                    if rel == OWN_CA_BUNDLE:
-                        own_ca_equals_secret = True
-                    else:
-                        problems.append(f"copy of the CA bundle: /{rel}")
+            continue
+        files += 1
+        if name in CREDENTIAL_NAMES:
+            problems.append(f"credential-like file: /{rel}")
+        if name.endswith(".pyc") and not rel.startswith(BYTECODE_OK):
+            problems.append(f"bytecode outside installed packages: /{rel}")
+        if secret is not None and _is_secret_copy(path, secret, secret_size, secret_sha):
+            if rel == OWN_CA_BUNDLE:
+                own_ca_equals_secret = True
+            else:
+                problems.append(f"copy of the CA bundle: /{rel}")
     return {"root": str(root), "target": target, "files": files, "problems": problems, "clean": not problems,
             "own_ca_bundle_equals_secret": own_ca_equals_secret}
 

@@ -166,8 +166,8 @@ def _write_nsd_stimuli(root: Path, rng: np.random.Generator) -> dict[int, list[s
         captions[int(i)] = texts
         for c, text in enumerate(texts):
             coco[split].append({"image_id": int(info.at[i, "cocoId"]), "id": int(1000 * i + c), "caption": text})
-    for split, annotations in coco.items():
-        shuffled = [annotations[j] for j in rng.permutation(len(annotations))]
+    for split, entries in coco.items():
+        shuffled = [entries[j] for j in rng.permutation(len(entries))]
         (stim / "annotations" / f"captions_{split}.json").write_text(
             json.dumps({"images": [], "annotations": shuffled})
         )

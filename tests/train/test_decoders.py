@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from brainldm.train.decoders import (CnnDecoder, DecoderSpec, GcnDecoder, ResidualBlock1d, VaeDecoder, build_decoder,
+from brainldm.train.decoders import (CnnDecoder, DecoderSpec, GcnDecoder, ResidualBlock1d, build_decoder,
                                      load_checkpoint, node_index, save_checkpoint, vae_loss)
 
 ROIS = ("V1", "V2", "V3", "hV4")

@@ -69,7 +69,7 @@ def test_hdf5_and_nifti_identical_and_scaled(both):
 
 @pytest.mark.parametrize("fmt", ["hdf5", "nifti"])
 def test_transpose_with_known_values_at_asymmetric_coordinates(tmp_path, fmt):
-    fx = build_nsd(tmp_path, fmt=fmt, n_sessions=1, per_session=12)
+    build_nsd(tmp_path, fmt=fmt, n_sessions=1, per_session=12)
     betas = np.full((12,) + NSD_GRID, 999, np.int16)  # a wrongly indexed read sees 999 / 300
     betas[:, 0, 0, 0] = 300  # V1v voxel (0, 0, 0): 1.0
     betas[:, 4, 1, 2] = -600  # V1v voxel (4, 1, 2): -2.0
