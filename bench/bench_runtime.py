@@ -121,6 +121,15 @@ def worker_runtime(args) -> dict:
     return results
 
 
+def _time_reference_stages(pipe, predictors: dict, timers: Timers) -> None:
+    """Wrap the reference's decoders, UNet and VAE calls so ``timers`` sums their seconds per stage."""
+    for predictor in predictors.values():
+        predictor.forward = timers.wrap("decoders", predictor.forward)
+    pipe.unet.forward = timers.wrap("unet", pipe.unet.forward)
+    pipe.vae.decode = timers.wrap("vae", pipe.vae.decode)
+    pipe.vae.encode = timers.wrap("vae", pipe.vae.encode)
+
+
 def worker_reference(args) -> dict:
     """The other side: torch decoders + diffusers img2img (train/reconstruct.py's arithmetic)."""
     start = time.perf_counter()
@@ -141,22 +150,17 @@ def worker_reference(args) -> dict:
     cold = time.perf_counter() - start
     sync = torch.cuda.synchronize if args.gpu else None
     timers = Timers(sync)
-    for k in predictors:
-        predictors[k].forward = timers.wrap("decoders", predictors[k].forward)
-    pipe.unet.forward = timers.wrap("unet", pipe.unet.forward)
-    pipe.vae.decode = timers.wrap("vae", pipe.vae.decode)
-    pipe.vae.encode = timers.wrap("vae", pipe.vae.encode)
+    _time_reference_stages(pipe, predictors, timers)
     g = manifest["generation"]
     cfg = ReconstructConfig(steps=g["steps"], strength=g["strength"], guidance=g["guidance"], seed=g["seed"],
                             encode_mode=g["encode_mode"], resolution=manifest["image_model"]["resolution"])
     uncond = np.load(Path(args.bundle) / manifest["uncond"])
+    mean = np.load(Path(args.bundle) / manifest["normalisation"]["mean"])[0]
+    std = np.load(Path(args.bundle) / manifest["normalisation"]["std"])[0]
+    columns = {k: np.load(Path(args.bundle) / d["columns"]) for k, d in manifest["decoders"].items()}
     results = {}
     for batch in args.batches:
-        _, betas, _ = bench_inputs(Path(args.bundle), batch)
-        mean = np.load(Path(args.bundle) / manifest["normalisation"]["mean"])[0]
-        std = np.load(Path(args.bundle) / manifest["normalisation"]["std"])[0]
-        x = (betas - mean) / std
-        columns = {k: np.load(Path(args.bundle) / d["columns"]) for k, d in manifest["decoders"].items()}
+        x = (bench_inputs(Path(args.bundle), batch)[1] - mean) / std
 
         @torch.no_grad()
         def one():
