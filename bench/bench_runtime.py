@@ -31,10 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_bundles import (GPU_BATCHES, GPU_RESOLUTION, build_small_ldm_bundle, build_sd14_bundle, flops_per_image,
-                           tiny_bundle)
+from bench_bundles import (GPU_BATCHES, GPU_RESOLUTION, REPO, build_small_ldm_bundle, build_sd14_bundle,
+                           flops_per_image, tiny_bundle)
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "runtime.json"
 STAGES = ("decoders", "unet", "vae")
 GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
