@@ -4,6 +4,9 @@ chose ``train_ldm.eval.n_images`` = 256 (with 64 images, img2img PixCorr ranged 
 over five seeds).
 
     python bench/ldm_eval_spread.py --n-images 64 --seeds 20240 20241 20242 20243 20244
+
+With a seed that is not ``train_ldm.eval.seed`` it is a validation set: f = 2 latents were
+chosen over f = 4 on ``--n-images 128 --seeds 31337`` (bench/results/ldm_f4_vs_f2.json).
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ def spread(n_images: int, seeds: list[int], params: str) -> dict:
         metrics = E.evaluate(dataclasses.replace(cfg, eval=eval_cfg))
         per_seed[str(seed)] = {k: metrics[k] for k in KEYS}
         print(seed, {k: round(v, 4) for k, v in per_seed[str(seed)].items()}, flush=True)
+    # One seed has no spread: sd is null rather than NaN (which is not JSON).
     summary = {k: {"mean": float(np.mean([m[k] for m in per_seed.values()])),
-                   "sd": float(np.std([m[k] for m in per_seed.values()], ddof=1))} for k in KEYS}
+                   "sd": float(np.std([m[k] for m in per_seed.values()], ddof=1)) if len(seeds) > 1 else None}
+               for k in KEYS}
     return {"model": cfg.out, "n_images": n_images, "per_seed": per_seed, "over_seeds": summary}
 
 

@@ -44,6 +44,9 @@ class VaeConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 16
     kl_weight: float = 1e-6
+    # SD's mid block has a self-attention layer; at f = 2 it attends over 1,024 cells and
+    # costs ~30% of a CPU training step, so it can be left out.
+    mid_block_add_attention: bool = True
     steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3
@@ -64,6 +67,9 @@ class UnetConfig:
     """UNet2DConditionModel size and the joint text+UNet training."""
 
     block_out_channels: tuple[int, ...] = (64, 128)
+    # diffusers' block names per level, high resolution first; the up path mirrors them.
+    # Empty = SD's rule: cross-attention at every level but the lowest.
+    down_block_types: tuple[str, ...] = ()
     layers_per_block: int = 1
     attention_head_dim: int = 8
     norm_num_groups: int = 16
@@ -123,6 +129,20 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+
+
+def unet_down_block_types(cfg: UnetConfig) -> tuple[str, ...]:
+    """The UNet's down blocks, one per ``block_out_channels`` level (SD's rule when not configured)."""
+    k = len(cfg.block_out_channels)
+    if not cfg.down_block_types:
+        return ("CrossAttnDownBlock2D",) * (k - 1) + ("DownBlock2D",)
+    if len(cfg.down_block_types) != k or not set(cfg.down_block_types) <= set(DOWN_BLOCK_TYPES):
+        raise ValueError(f"train_ldm.unet.down_block_types: got {list(cfg.down_block_types)}, expected "
+                         f"{k} entries (one per block_out_channels level) from {list(DOWN_BLOCK_TYPES)}")
+    return tuple(cfg.down_block_types)
+
+
 def build_models(cfg: TrainLdmConfig, vocab_size: int, bos: int, eos: int):
     """Fresh (vae, text_encoder, unet) of SD v1.x's classes at the configured size."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -134,18 +154,18 @@ def build_models(cfg: TrainLdmConfig, vocab_size: int, bos: int, eos: int):
         up_block_types=("UpDecoderBlock2D",) * n_levels, block_out_channels=cfg.vae.block_out_channels,
         latent_channels=cfg.vae.latent_channels, layers_per_block=cfg.vae.layers_per_block,
         norm_num_groups=cfg.vae.norm_num_groups, sample_size=cfg.image_size,
+        mid_block_add_attention=cfg.vae.mid_block_add_attention,
     )
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=cfg.text.hidden_size, intermediate_size=cfg.text.intermediate_size,
         num_hidden_layers=cfg.text.num_hidden_layers, num_attention_heads=cfg.text.num_attention_heads,
         max_position_embeddings=TOKENIZER_LENGTH, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
     ))
-    k = len(cfg.unet.block_out_channels)
+    down = unet_down_block_types(cfg.unet)
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size // 2 ** (n_levels - 1), in_channels=cfg.vae.latent_channels,
         out_channels=cfg.vae.latent_channels, block_out_channels=cfg.unet.block_out_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (k - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (k - 1),
+        down_block_types=down, up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
         layers_per_block=cfg.unet.layers_per_block, cross_attention_dim=cfg.text.hidden_size,
         attention_head_dim=cfg.unet.attention_head_dim, norm_num_groups=cfg.unet.norm_num_groups,
     )

@@ -50,7 +50,9 @@ def test_matches_brute_force_cv_and_closed_form(n, V):
     assert len(np.unique(model.alpha_per_target)) >= 3  # the per-target choice is exercised
     np.testing.assert_allclose(model.coef, coef_ref, atol=TOL)
     np.testing.assert_allclose(model.intercept, Y.astype(np.float64).mean(0), rtol=TOL)
-    np.testing.assert_allclose(model.cv_score, r2_ref, atol=1e-4)
+    # Fold solves run in float32: on one 2-core machine's BLAS a score of -0.61 landed 2.2e-4 from the
+    # float64 reference, so the tolerance is relative too (a wrong alpha or fold moves R^2 by >> 1e-3).
+    np.testing.assert_allclose(model.cv_score, r2_ref, atol=1e-4, rtol=1e-3)
     X_new = np.random.default_rng(1).standard_normal((20, V)).astype(np.float32)
     x64 = X.astype(np.float64)
     pred_ref = (X_new - x64.mean(0)) / x64.std(0) @ coef_ref + Y.astype(np.float64).mean(0)

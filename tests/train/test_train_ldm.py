@@ -117,3 +117,24 @@ def test_bad_settings(tmp_path, capsys):
     params.write_text("train_ldm: {seed: 3, eval: {seed: 3}, out: " + str(tmp_path / "none") + "}\n")
     assert L.main(["--params", str(params), "--skip-train"]) == 1
     assert "eval.seed must differ" in capsys.readouterr().err
+
+
+def test_configured_block_types_and_vae_mid_attention(tmp_path):
+    unet = L.UnetConfig(block_out_channels=(8, 16, 16), attention_head_dim=2, norm_num_groups=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), steps=3, batch_size=4)
+    cfg = tiny_config(tmp_path, vae=dataclasses.replace(tiny_config(tmp_path).vae, mid_block_add_attention=False), unet=unet)
+    _, _, _, (vae, _, model) = setup(cfg)
+    assert list(model.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    assert list(model.config.up_block_types) == ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    assert vae.encoder.mid_block.attentions[0] is None
+    # The default keeps SD's layout: cross-attention everywhere but the lowest level, mid attention in the VAE.
+    _, _, _, (vae, _, model) = setup(tiny_config(tmp_path))
+    assert list(model.config.down_block_types) == ["CrossAttnDownBlock2D", "DownBlock2D"]
+    assert list(model.config.up_block_types) == ["UpBlock2D", "CrossAttnUpBlock2D"]
+    assert vae.encoder.mid_block.attentions[0] is not None
+
+
+@pytest.mark.parametrize("types", [("DownBlock2D",), ("DownBlock2D", "AttnDownBlock2D")])
+def test_bad_block_types(types):
+    with pytest.raises(ValueError, match="down_block_types.*one per block_out_channels"):
+        L.unet_down_block_types(L.UnetConfig(block_out_channels=(8, 16), down_block_types=types))
