@@ -1,8 +1,11 @@
 """Stage configuration: one frozen dataclass per stage, loaded from its ``params.yaml`` section.
 
 Unknown keys are errors (a typo in params.yaml must not silently fall back to a
-default); nested dataclasses, tuples and ``dict[str, Dataclass]`` fields are
-supported. The resolved config (``config_to_dict``) is saved inside every
+default), and so are missing ones: params.yaml states every knob, and a dataclass
+default never stands in for a key left out, except where the default means "none"
+(``None``, an empty list or mapping: a block that does not apply). The defaults serve
+code and tests that build configs directly. Nested dataclasses, tuples and
+``dict[str, Dataclass]`` fields are supported. The resolved config (``config_to_dict``) is saved inside every
 checkpoint, metrics file and bundle.
 """
 from __future__ import annotations
@@ -60,11 +63,24 @@ def load_config(cls: type[T], section: str, path: str | Path = DEFAULT_PARAMS) -
     params = load_params(path)
     if section not in params:
         raise ConfigError(f"{path}: missing section '{section}' (needed by {cls.__name__})")
-    return from_dict(cls, params[section], where=section)
+    return from_dict(cls, params[section], where=section, strict=True)
 
 
-def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-    """Recursively convert plain data into dataclass ``cls``; unknown keys raise ConfigError."""
+def _means_none(f: dataclasses.Field) -> bool:
+    """Whether field ``f``'s default is None or empty, so a params file may leave it out."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return False
+    return default is None or (isinstance(default, (tuple, list, dict)) and not default)
+
+
+def from_dict(cls: type[T], data: Any, where: str = "", strict: bool = False) -> T:
+    """Recursively convert plain data into dataclass ``cls``; unknown keys raise ConfigError, and so
+    do missing ones: those without a default, and with ``strict`` (params files) every key whose
+    default is not None or empty."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -74,26 +90,27 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+        kwargs[name] = _convert(hints[name], value, f"{where}.{name}" if where else name, strict)
     missing = [
         n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if n not in kwargs and ((f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                                or (strict and not _means_none(f)))
     ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {missing} for {cls.__name__}")
     return cls(**kwargs)
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _convert(tp: Any, value: Any, where: str, strict: bool = False) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, strict)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        return _convert(non_none[0], value, where) if len(non_none) == 1 else value
+        return _convert(non_none[0], value, where, strict) if len(non_none) == 1 else value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -103,7 +120,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         val_tp = args[1] if len(args) == 2 else Any
-        return {k: _convert(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+        return {k: _convert(val_tp, v, f"{where}.{k}", strict) for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

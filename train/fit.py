@@ -18,7 +18,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -98,13 +98,13 @@ class OptimSettings:
 @dataclass(frozen=True)
 class DecoderConfig:
     """One decoder entry: kind (ridge|cnn|vae|gcn), target (z|c), input ROIs (concatenated in this
-    order), seed, optimiser; only the sub-section of its own kind may be given (defaults otherwise)."""
+    order); the sub-section of its own kind (and only that one); the networks' seed and optimiser."""
 
     kind: str
     target: str
     input_rois: tuple[str, ...]
-    seed: int = 0
-    optim: OptimSettings = field(default_factory=OptimSettings)
+    seed: int | None = None  # networks only: ridge is deterministic and not iterative
+    optim: OptimSettings | None = None
     cnn: CnnArch | None = None
     vae: VaeArch | None = None
     gcn: GcnArch | None = None
@@ -124,8 +124,6 @@ class FitConfig:
     std_floor: float = 1e-6
 
 
-_ARCH_DEFAULTS = {"ridge": RidgeSettings, "cnn": CnnArch, "vae": VaeArch, "gcn": GcnArch}
-
 
 def decoder_config(config: FitConfig, name: str) -> DecoderConfig:
     """The validated entry ``name`` (clear ConfigError for unknown names, kinds, targets, stray sections)."""
@@ -136,16 +134,21 @@ def decoder_config(config: FitConfig, name: str) -> DecoderConfig:
         raise ConfigError(f"fit.decoders.{name}.kind: {entry.kind!r}; expected one of {DECODER_KINDS}")
     if entry.target not in ("z", "c"):
         raise ConfigError(f"fit.decoders.{name}.target: {entry.target!r}; expected 'z' or 'c'")
-    stray = [k for k in _ARCH_DEFAULTS if k != entry.kind and getattr(entry, k) is not None]
+    network_keys = ("seed", "optim")
+    own = (entry.kind, *network_keys) if entry.kind != "ridge" else (entry.kind,)
+    stray = [k for k in (*DECODER_KINDS, *network_keys) if k not in own and getattr(entry, k) is not None]
     if stray:
         raise ConfigError(f"fit.decoders.{name}: section(s) {stray} do not apply to kind {entry.kind!r}")
+    missing = [k for k in own if getattr(entry, k) is None]
+    if missing:
+        raise ConfigError(f"fit.decoders.{name}: missing {missing} (needed by kind {entry.kind!r})")
     if not entry.input_rois:
         raise ConfigError(f"fit.decoders.{name}.input_rois: expected at least one ROI")
     return entry
 
 
 def _arch(entry: DecoderConfig) -> dict:
-    return config_to_dict(getattr(entry, entry.kind) or _ARCH_DEFAULTS[entry.kind]())
+    return config_to_dict(getattr(entry, entry.kind))
 
 
 def read_graph(prepared: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, ...], ...]]:
@@ -255,7 +258,7 @@ def train_ridge(data: FitData, entry: DecoderConfig) -> tuple[torch.nn.Module, l
     """Ridge CV (one alpha per target, folds grouped by image) stored as an exact LinearDecoder."""
     from brainldm.train.ridge import fit_ridge_cv  # only the ridge kind needs it
 
-    settings = entry.ridge or RidgeSettings()
+    settings = entry.ridge
     ridge = fit_ridge_cv(data.x_train.numpy(), data.y_train.numpy(), list(settings.alphas),
                          n_folds=settings.n_folds, groups=data.train_groups, target_chunk=settings.target_chunk)
     # fold the voxel standardisation in: y = ((x - m) / s) @ coef + b = x @ (coef / s) + (b - (m / s) @ coef)
@@ -299,6 +302,10 @@ def _deterministic(threads: int) -> Iterator[None]:
         torch.utils.deterministic.fill_uninitialized_memory = previous[2]
 
 
+# Validation rows per forward pass of a ridge model (it has no optimiser batch size).
+RIDGE_PREDICT_BATCH = 64
+
+
 def _fit(config: FitConfig, dataset: str, decoder: str, entry: DecoderConfig) -> dict:
     started = time.perf_counter()
     # 1. data, standardised with training statistics
@@ -306,7 +313,8 @@ def _fit(config: FitConfig, dataset: str, decoder: str, entry: DecoderConfig) ->
     # 2. train (early stopping on val) or ridge CV
     model, history = (train_ridge if entry.kind == "ridge" else train_network)(data, entry)
     # 3. validation metrics in target units
-    pred = _predict_std(model, data.x_val, entry.optim.batch_size) * data.std + data.mean
+    batch = entry.optim.batch_size if entry.optim else RIDGE_PREDICT_BATCH
+    pred = _predict_std(model, data.x_val, batch) * data.std + data.mean
     real = data.y_val * data.std + data.mean
     best = min(history, key=lambda h: h["val_loss"])
     metrics = {"dataset": dataset, "decoder": decoder, "kind": entry.kind, "target": entry.target,

@@ -53,7 +53,7 @@ class DatasetConfig:
     subject: int
     rois: dict[str, RoiSpec]
     sessions: int | None = None
-    betas_format: str = "hdf5"
+    betas_format: str | None = None  # NSD only: hdf5 | nifti
     image_size: int | None = None
 
 

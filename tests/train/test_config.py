@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from brainldm.train.config import ConfigError, config_to_dict, from_dict, load_config
+from tests.dvc_store import ROOT
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def test_missing_and_wrong_type():
 
 def test_load_config_from_file(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("stage:\n  seed: 7\n")
+    path.write_text("stage:\n  seed: 7\n  rate: 0.5\n")
     assert load_config(Outer, "stage", path).seed == 7
     with pytest.raises(ConfigError, match="missing section 'other'"):
         load_config(Outer, "other", path)
@@ -74,3 +75,23 @@ def test_run_stage_prints_the_summary_or_a_clear_error(capsys):
     assert run_stage(stage_specific, errors=(RuntimeError,)) == 1
     with pytest.raises(RuntimeError):  # a bug is not bad input: it propagates with its traceback
         run_stage(stage_specific)
+
+
+def test_params_files_state_every_key_that_has_a_real_default(tmp_path):
+    """load_config (strict): a key left out is an error naming it, unless its default means none."""
+    path = tmp_path / "params.yaml"
+    path.write_text("outer:\n  seed: 1\n  rois: {V1: {labels: [1], atlas: x}}\n")
+    with pytest.raises(ConfigError, match=r"outer: missing required key\(s\) \['rate'\]"):
+        load_config(Outer, "outer", path)
+    path.write_text("outer:\n  seed: 1\n  rate: 0.5\n  rois: {V1: {labels: [1]}}\n")
+    with pytest.raises(ConfigError, match=r"outer.rois.V1: missing required key\(s\) \['atlas'\]"):
+        load_config(Outer, "outer", path)
+    path.write_text("outer:\n  seed: 1\n  rate: 0.5\n")  # rois {} and note None: blocks that do not apply
+    assert load_config(Outer, "outer", path) == Outer(seed=1)
+
+
+def test_every_stage_section_of_params_yaml_loads_strictly():
+    from tests.stage_configs import STAGE_CONFIGS
+
+    for section, cls in STAGE_CONFIGS.items():
+        load_config(cls, section, ROOT / "params.yaml")

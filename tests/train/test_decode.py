@@ -92,7 +92,9 @@ def test_decode_bad_inputs(fitted, tmp_path, capsys):
         decode(decode_config(fixed), "fake", "cnn-z")
     assert not (fixed / "results").exists() and not (bad / "results").exists()
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"decode": {"models_dir": str(fitted / "models")}}))
+    params.write_text(json.dumps({"decode": {"models_dir": str(fitted / "models"), "prepared_dir": "data/prepared",
+                                             "targets_dir": "data/targets", "results_dir": "results/decode",
+                                             "batch_size": 256, "threads": 1}}))
     assert main(["--params", str(params), "--dataset", "fake", "--decoder", "nope"]) == 1
     assert "error: decoder checkpoint not found" in capsys.readouterr().err
 

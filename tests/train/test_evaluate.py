@@ -11,6 +11,7 @@ from PIL import Image
 from brainldm.train import attribute_classifier as ac
 from brainldm.train import evaluate as ev
 from brainldm.train import figures, scenes
+from brainldm.train.config import config_to_dict
 from tests.tiny_models import save_tiny_pipeline
 
 TEST_INDEX = np.array([7, 2, 5, 0, 9, 3])
@@ -143,7 +144,8 @@ def test_feature_weights_read_locally_with_clear_errors(tmp_path, assets):
 def test_main_errors(tmp_path, assets, capsys):
     cfg = _setup(tmp_path, assets)
     params = tmp_path / "params.yaml"
-    params.write_text(f"evaluate:\n  prepared_dir: {cfg.prepared_dir}\n  reconstruct_dir: {tmp_path / 'nowhere'}\n")
+    section = dict(config_to_dict(cfg), reconstruct_dir=str(tmp_path / "nowhere"))
+    params.write_text(json.dumps({"evaluate": section}))
     assert ev.main(["--params", str(params), "--dataset", "ds"]) == 1
     assert "index.csv" in capsys.readouterr().err
 

@@ -74,15 +74,15 @@ def make_fake_data(root: Path, name: str = "fake", seed: int = 0, test_shift: fl
 
 FAST_OPTIM = {"lr": 3e-3, "weight_decay": 1e-4, "batch_size": 32, "max_epochs": 25, "patience": 4}
 DECODERS = {
-    "cnn-z": {"kind": "cnn", "target": "z", "input_rois": LOWER, "optim": FAST_OPTIM,
+    "cnn-z": {"kind": "cnn", "target": "z", "input_rois": LOWER, "seed": 0, "optim": FAST_OPTIM,
               "cnn": {"channels": 4, "n_blocks": 1, "kernel_size": 3, "stem_stride": 1, "pool": 2,
                       "hidden": [64, 64], "dropout": 0.0}},
-    "cnn-c": {"kind": "cnn", "target": "c", "input_rois": ["higher"], "optim": FAST_OPTIM,
+    "cnn-c": {"kind": "cnn", "target": "c", "input_rois": ["higher"], "seed": 0, "optim": FAST_OPTIM,
               "cnn": {"channels": 4, "n_blocks": 1, "kernel_size": 3, "stem_stride": 1, "pool": 2,
                       "hidden": [64, 64], "dropout": 0.0}},
-    "vae-z": {"kind": "vae", "target": "z", "input_rois": LOWER, "optim": FAST_OPTIM,
+    "vae-z": {"kind": "vae", "target": "z", "input_rois": LOWER, "seed": 0, "optim": FAST_OPTIM,
               "vae": {"hidden": 64, "recon_hidden": 32, "dropout": 0.0, "beta": 1e-3, "gamma": 0.1}},
-    "gcn-z": {"kind": "gcn", "target": "z", "input_rois": LOWER, "optim": FAST_OPTIM,
+    "gcn-z": {"kind": "gcn", "target": "z", "input_rois": LOWER, "seed": 0, "optim": FAST_OPTIM,
               "gcn": {"hidden": 16, "cheb_k": 2, "pooling": "flatten", "head_hidden": 64, "dropout": 0.0}},
     "ridge-z": {"kind": "ridge", "target": "z", "input_rois": LOWER,
                 "ridge": {"alphas": [0.1, 1.0, 10.0, 100.0], "n_folds": 3}},
@@ -210,7 +210,7 @@ def test_main_fits_from_a_params_file(tmp_path, capsys):
     root = make_fake_data(tmp_path)
     section = {"prepared_dir": str(root / "prepared"), "targets_dir": str(root / "targets"),
                "models_dir": str(root / "models"), "results_dir": str(root / "results" / "fit"),
-               "decoders": {"gcn-z": dict(DECODERS["gcn-z"], optim=dict(FAST_OPTIM, max_epochs=3))}}
+               "threads": 1, "std_floor": 1e-6, "decoders": {"gcn-z": dict(DECODERS["gcn-z"], optim=dict(FAST_OPTIM, max_epochs=3))}}
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"fit": section}))
     assert main(["--params", str(params), "--dataset", "fake", "--decoder", "gcn-z"]) == 0

@@ -23,7 +23,8 @@ ROIS = {
 
 
 def config(root, **kw) -> DatasetConfig:
-    return from_dict(DatasetConfig, {"source": "nsd", "root": str(root), "subject": 1, "rois": ROIS, **kw})
+    return from_dict(DatasetConfig, {"source": "nsd", "root": str(root), "subject": 1, "rois": ROIS,
+                                     "betas_format": "hdf5", **kw})
 
 
 def flat(coords):

@@ -24,11 +24,13 @@ PER_SESSION = 8
 def params(tmp_path, nsd_root=None, things_root=None, out="out", **kw) -> dict:
     datasets = {}
     if nsd_root is not None:
-        datasets["n"] = {"source": "nsd", "root": str(nsd_root), "subject": 1, "rois": NSD_ROIS}
+        datasets["n"] = {"source": "nsd", "root": str(nsd_root), "subject": 1, "rois": NSD_ROIS, "betas_format": "hdf5"}
     if things_root is not None:
         datasets["t"] = {"source": "things", "root": str(things_root), "subject": 1, "rois": THINGS_ROIS,
                          "image_size": 8}
-    return {"datasets": datasets, "val_fraction": 0.25, "seed": 3, "output_dir": str(tmp_path / out), **kw}
+    graph = {"nodes": [["V1"], ["V2"], ["V3", "hV4"]], "threshold": 0.0, "weight_mode": "abs", "self_loops": False}
+    return {"datasets": datasets, "val_fraction": 0.25, "seed": 3, "output_dir": str(tmp_path / out), "graph": graph,
+            **kw}
 
 
 def run(tmp_path, name, **kw):
@@ -162,7 +164,7 @@ def test_main_bad_input_writes_nothing(tmp_path, nsd_fx, capsys, case, message):
     kw, name = {}, "n"
     if case == "sessions":
         kw = {"datasets": {"n": {"source": "nsd", "root": str(nsd_fx.root), "subject": 1, "rois": NSD_ROIS,
-                                 "sessions": 4}}}
+                                 "sessions": 4, "betas_format": "hdf5"}}}
     elif case == "nan":
         write_hdf5_session(nsd_fx.root, 1, 2, nsd_fx.betas[8:16])
         with h5py.File(nsd_fx.root / nsd.BETAS_DIR.format(subj="subj01") / "betas_session02.hdf5", "r+") as h:
@@ -174,7 +176,7 @@ def test_main_bad_input_writes_nothing(tmp_path, nsd_fx, capsys, case, message):
         kw = {"datasets": {"n": {"source": "nsd", "root": str(nsd_fx.root), "subject": 1,
                                  "rois": {**NSD_ROIS, "X": {"atlas": "prf-visualrois", "labels": [11]}}}}}
     elif case == "unknown_node":
-        kw = {"graph": {"nodes": [["V1"], ["V2"], ["V4"]]}}
+        kw = {"graph": {"nodes": [["V1"], ["V2"], ["V4"]], "threshold": 0.0, "weight_mode": "abs", "self_loops": False}}
     else:
         name = "zz"
     code = prepare.main(["--dataset", name, "--params", _write_params(tmp_path, nsd_fx.root, **kw)])

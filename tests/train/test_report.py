@@ -23,6 +23,9 @@ def results(tmp_path):
     _write(tmp_path / "parity" / "a-ours.json",
            {"backend": "ort-cpu", "pred_z_max_abs": 1e-7, "pred_c_max_abs": 2e-8, "init_latent_max_abs": 3.5e-4, "latent_max_abs": 1.4e-5, "latent_tolerance_ratio": 0.14,
             "image_max_abs": 5e-7, "passed": True, "tolerances": {"pred": 1e-4, "latent": 1e-4, "image": 1e-2}})
+    _write(tmp_path / "parity" / "b-ours.json",
+           {"backend": "ort-cpu", "pred_z_max_abs": 1e-7, "pred_c_max_abs": 2e-3, "init_latent_max_abs": 3.5e-4, "latent_max_abs": 1.4e-5, "latent_tolerance_ratio": 1.5,
+            "image_max_abs": 0.5, "passed": False, "tolerances": {"pred": 1e-4, "latent": 1e-4, "image": 1e-2}})
     return report.ReportConfig(datasets=("a", "b"), decoders=("ridge-z", "gcn-z"), decode_dir=str(tmp_path / "decode"),
                                evaluate_dir=str(tmp_path / "evaluate"), parity_dir=str(tmp_path / "parity"),
                                out=str(tmp_path / "REPORT.md"))
@@ -34,7 +37,10 @@ def test_report_tables_hold_our_numbers_and_label_theirs(results):
     assert "| ridge-z | z | ridge | 0.900 |" in text and "| 0.754 | 0.743 |" in text
     assert "| a | ours | 0.700 [0.590, 0.630] |" in text
     assert "test_images: 60" in text and "theirs" in text
-    assert "| a-ours | ort-cpu | 1.0e-07 | 2.0e-08 | 3.5e-04 | 1.4e-05 | 14% | 5.0e-07 | yes |" in text
+    assert "| a-ours | ort-cpu | yes | yes | yes | yes |" in text
+    assert "| b-ours | ort-cpu | NO | NO | NO | NO |" in text
+    # the differences depend on ONNX Runtime's processor-specific kernels: they stay in the JSONs
+    assert "1.4e-05" not in text and "3.5e-04" not in text
 
 
 def test_missing_metrics_file_is_named(results, tmp_path):

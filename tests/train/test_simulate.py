@@ -14,6 +14,7 @@ import pytest
 import scipy.io
 
 from brainldm.train import encoding, simulate
+from brainldm.train.config import config_to_dict
 from brainldm.train.simulate import NsdSimConfig, SimulateConfig, ThingsSimConfig
 
 NSD_ROIS = {"V1": 40, "V2": 35, "V3": 30, "hV4": 20, "mid": 25, "high": 40}
@@ -230,9 +231,7 @@ def test_things_test_repeats_reliable_in_rois_only(built):
 def test_cli_writes_and_reports_errors(tmp_path, capsys):
     config = tiny_config(tmp_path)
     params = tmp_path / "params.yaml"
-    section = {"seed": 3, "image_size": 32, "n_captions": 2, "encoding": {"feature_grid": 16},
-               "nsd": {"root": config.nsd.root, "n_sessions": 3, "runs_per_session": 2, "n_unique_images": 30,
-                       "n_shared_images": 6, "n_extra_images": 8, "grid": [10, 12, 10], "roi_voxels": NSD_ROIS}}
+    section = config_to_dict(config)
     params.write_text(json.dumps({"simulate": section}))
     assert simulate.main(["--params", str(params), "--dataset", "sim-nsd"]) == 0
     assert "sim-nsd" in capsys.readouterr().out and (tmp_path / "sim-nsd" / EXPDIR).is_dir()

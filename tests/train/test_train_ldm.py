@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from brainldm.train import scenes, train_ldm as L
+from brainldm.train.config import config_to_dict
 from brainldm.train.tokenizer import build_tokenizer
 
 
@@ -114,7 +115,10 @@ def test_bad_settings(tmp_path, capsys):
     with pytest.raises(ValueError, match="device"):
         L.resolve_device("gpu")
     params = tmp_path / "params.yaml"
-    params.write_text("train_ldm: {seed: 3, eval: {seed: 3}, out: " + str(tmp_path / "none") + "}\n")
+    cfg = tiny_config(tmp_path)
+    section = config_to_dict(dataclasses.replace(cfg, seed=3, eval=dataclasses.replace(cfg.eval, seed=3),
+                                                 out=str(tmp_path / "none")))
+    params.write_text(json.dumps({"train_ldm": section}))
     assert L.main(["--params", str(params), "--skip-train"]) == 1
     assert "eval.seed must differ" in capsys.readouterr().err
 
