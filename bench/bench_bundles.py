@@ -84,7 +84,8 @@ def random_bundle(root: Path, name: str, vae, unet, steps: int, **export_overrid
     with h5py.File(root / "targets" / "bench.h5", "w") as f:
         f["uncond"] = np.random.default_rng(0).standard_normal((SD_TEXT_SHAPE[0], width)).astype(np.float32)
     ecfg = ExportConfig(prepared_dir=str(root / "prepared"), targets_dir=str(root / "targets"),
-                        models_dir=str(root / "decoders"), out_dir=str(root / "bundles"), check_batch=1,
+                        models_dir=str(root / "decoders"), out_dir=str(root / "bundles"),
+                        checks_dir=str(root / "checks"), check_batch=1,
                         **export_overrides)
     rc = ReconstructConfig(model=str(root / name), pairs={name: PairConfig(z=f"{name}-z", c=f"{name}-c")},
                            samples=1, steps=steps, seed=0)

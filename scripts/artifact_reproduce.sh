@@ -50,8 +50,7 @@ cd "$ws"
 dvc config --local core.no_scm true
 dvc remote modify --local embedded url "$src/dvc-store"
 
-# Fixed threads and hashing make every stage's output bitwise repeatable on one machine kind.
-export PYTHONHASHSEED=0 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-2}"
+# Threads and instruction sets are pinned by every stage's command (dvc.yaml's `pinned`).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DVC_NO_ANALYTICS=1
 start=$(date +%s)
 read -ra pull <<< "${BRAINLDM_PULL-data.dvc train_ldm}"

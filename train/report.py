@@ -93,25 +93,29 @@ def reconstruction_table(cfg: ReportConfig) -> tuple[list[str], list[str]]:
     return lines, protocol
 
 
+def _held(value: float, bound: float) -> str:
+    return "yes" if value <= bound else "NO"
+
+
 def parity_table(folder: Path) -> list[str]:
-    """One row per parity JSON: backend, max abs differences and whether the tolerances held."""
+    """One row per parity JSON: backend and whether each tolerance held. The differences themselves
+    stay in the JSONs: ONNX Runtime's kernels depend on the processor, and this report must not."""
     files = sorted(folder.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"report: no parity results in {folder}; run the parity stage first")
-    lines = ["| bundle | backend | z pred | c pred | VAE round trip | latents (every step) | latent tol. used | "
-             "images [0, 1] | passed |", "|---|---|---|---|---|---|---|---|---|"]
+    tol = _read_json(files[0]).get("tolerances", {})
+    lines = [f"| bundle | backend | z, c predictions within {tol.get('pred')} | latents after every step within "
+             f"{tol.get('latent')} + {tol.get('latent_rtol', 0)} x \\|ref\\| | images within {tol.get('image')} | "
+             "passed |", "|---|---|---|---|---|---|"]
     for path in files:
         m = _read_json(path)
-        lines.append(f"| {path.stem} | {m['backend']} | {m['pred_z_max_abs']:.1e} | {m['pred_c_max_abs']:.1e} | "
-                     f"{m.get('init_latent_max_abs', float('nan')):.1e} | {m['latent_max_abs']:.1e} | "
-                     f"{m.get('latent_tolerance_ratio', float('nan')):.0%} | "
-                     f"{m['image_max_abs']:.1e} | {'yes' if m['passed'] else 'NO'} |")
-    tol = _read_json(files[0]).get("tolerances", {})
-    lines += ["", f"Max abs differences; tolerances: predictions {tol.get('pred')}, latents |diff| <= "
-                  f"{tol.get('latent')} + {tol.get('latent_rtol', 0)} x |reference| (the 'used' column is the worst "
-                  f"element's share of it), images {tol.get('image')}. Step latents: the runtime's denoising loop "
-                  f"from the reference's init latents; the VAE round trip before it (decode z, encode) is shown "
-                  f"apart, each side its own (torch's fp32 VAE is the less exact one: README, 'The lean runtime')."]
+        pred = max(m["pred_z_max_abs"], m["pred_c_max_abs"])
+        lines.append(f"| {path.stem} | {m['backend']} | {_held(pred, tol.get('pred', 0.0))} | "
+                     f"{_held(m.get('latent_tolerance_ratio', float('inf')), 1.0)} | "
+                     f"{_held(m['image_max_abs'], tol.get('image', 0.0))} | {'yes' if m['passed'] else 'NO'} |")
+    lines += ["", f"Step latents: the runtime's denoising loop from the reference's init latents; images end to "
+                  f"end. The measured differences, and the VAE round trip before the loop (decode z, encode; "
+                  f"each side its own), are in `{folder}/*.json`."]
     return lines
 
 

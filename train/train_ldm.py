@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import scenes
-from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.config import config_to_dict, load_config, run_stage
 from brainldm.train.tokenizer import build_tokenizer, save_tokenizer
 
 # SD v1.x's noise schedule (the UNet learns under it; DDIM at inference reuses it).
@@ -336,30 +336,29 @@ def train(cfg: TrainLdmConfig) -> dict:
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
+def _train_and_evaluate(args: argparse.Namespace) -> str:
     from brainldm.train.ldm_eval import evaluate, folder_megabytes
 
+    cfg = load_config(TrainLdmConfig, "train_ldm", args.params)
+    if args.device:
+        cfg = dataclasses.replace(cfg, device=args.device)
+    if not args.skip_train:
+        record = train(cfg)
+        print(f"trained on {record['device']}: vae {record['vae']['seconds']:.0f} s, unet {record['unet']['seconds']:.0f} s")
+    metrics = evaluate(cfg)
+    metrics["size_mb"] = folder_megabytes(cfg.out)
+    write_text_atomic(cfg.metrics, json.dumps(metrics, indent=1, sort_keys=True))
+    write_text_atomic(Path(cfg.out) / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
+    return json.dumps(metrics, indent=1, sort_keys=True)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="overrides train_ldm.device")
     parser.add_argument("--skip-train", action="store_true", help="only evaluate the existing folder")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(TrainLdmConfig, "train_ldm", args.params)
-        if args.device:
-            cfg = dataclasses.replace(cfg, device=args.device)
-        if not args.skip_train:
-            record = train(cfg)
-            print(f"trained on {record['device']}: vae {record['vae']['seconds']:.0f} s, unet {record['unet']['seconds']:.0f} s")
-        metrics = evaluate(cfg)
-        metrics["size_mb"] = folder_megabytes(cfg.out)
-        write_text_atomic(cfg.metrics, json.dumps(metrics, indent=1, sort_keys=True))
-        write_text_atomic(Path(cfg.out) / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
-    except (ValueError, FileNotFoundError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(metrics, indent=1, sort_keys=True))
-    return 0
+    return run_stage(lambda: _train_and_evaluate(args))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def default_setup(tmp_path_factory):
     ecfg, rc = make_configs(root, model=model)
     export_defaults = load_config(ExportConfig, "export", PARAMS)
     ecfg = dataclasses.replace(export_defaults, prepared_dir=ecfg.prepared_dir, targets_dir=ecfg.targets_dir,
-                               models_dir=ecfg.models_dir, out_dir=ecfg.out_dir, tensorrt=False)
+                               models_dir=ecfg.models_dir, out_dir=ecfg.out_dir, checks_dir=ecfg.checks_dir,
+                               tensorrt=False)
     rc = dataclasses.replace(rc, **{k: getattr(defaults, k) for k in ("steps", "strength", "guidance", "seed",
                                                                       "resolution", "encode_mode")})
     bundle = build_bundle(ecfg, rc, DATASET, PAIR)

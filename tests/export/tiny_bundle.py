@@ -98,7 +98,8 @@ def make_configs(root: Path, model: Path | None = None, **export_overrides) -> t
         write_decoders(root / "decoders", z_shape=z_shape, c_shape=c_shape)
         write_targets(root / "targets", c_shape=c_shape)
     ecfg = ex.ExportConfig(prepared_dir=str(root / "prepared"), targets_dir=str(root / "targets"),
-                           models_dir=str(root / "decoders"), out_dir=str(root / "bundles"), **export_overrides)
+                           models_dir=str(root / "decoders"), out_dir=str(root / "bundles"),
+                           checks_dir=str(root / "checks"), **export_overrides)
     rc = ReconstructConfig(model=str(model), pairs={PAIR: PairConfig(z="gcn-z", c="cnn-c")}, samples=2, steps=10,
                            strength=0.8, guidance=5.0, seed=42, batch_size=4,
                            decode_dir=str(root / "decode"), targets_dir=str(root / "targets"))
