@@ -76,3 +76,77 @@ def test_latent_criterion_is_allclose_like():
     cfg = ParityConfig(latent_atol=1e-4, latent_rtol=1e-4)
     assert passes(dict(base, latent_tolerance_ratio=0.99), cfg)
     assert not passes(dict(base, latent_tolerance_ratio=1.01), cfg)
+
+
+LATENT_ATOL = 1e-4
+N_STEPS, LATENT_SHAPE = 4, (2, 4, 4, 4)
+
+
+def _steps(seed: int = 0) -> list:
+    """Reference step latents of a typical magnitude (~1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(LATENT_SHAPE).astype(np.float32) for _ in range(N_STEPS)]
+
+
+def _passing_metrics(ratio: float) -> dict:
+    return {"pred_z_max_abs": 0.0, "pred_c_max_abs": 0.0, "image_max_abs": 0.0, "latent_tolerance_ratio": ratio,
+            "image_psnr_db": parity.PSNR_CAP_DB}
+
+
+def test_one_step_element_beyond_tolerance_fails_the_verdict():
+    """A single latent element off by 3x the tolerance fails, though the mean difference is ~1e-7."""
+    cfg = parity.ParityConfig(latent_atol=LATENT_ATOL, latent_rtol=0.0)
+    expected = _steps()
+    got = [a.copy() for a in expected]
+    got[2][1, 3, 0, 2] += 3 * LATENT_ATOL
+    per_step, ratio = parity.step_differences(expected, got, cfg)
+    assert per_step[2] > 2 * LATENT_ATOL and per_step[0] == per_step[1] == per_step[3] == 0.0
+    assert ratio > 2.0
+    assert not parity.passes(_passing_metrics(ratio), cfg)
+    # the same inputs within the tolerance pass: the failure is the one element's
+    got[2][1, 3, 0, 2] -= 2.5 * LATENT_ATOL
+    assert parity.passes(_passing_metrics(parity.step_differences(expected, got, cfg)[1]), cfg)
+
+
+def test_relative_tolerance_is_judged_per_element():
+    """rtol scales each element's own reference: a small reference element gets no slack from a big one."""
+    cfg = parity.ParityConfig(latent_atol=LATENT_ATOL, latent_rtol=1e-3)
+    expected = _steps()
+    expected[0][0, 0, 0, 0], expected[0][0, 0, 0, 1] = 100.0, 0.0  # one big element, one zero
+    got = [a.copy() for a in expected]
+    got[0][0, 0, 0, 0] += 50 * LATENT_ATOL  # within 1e-4 + 1e-3 * 100
+    assert parity.step_differences(expected, got, cfg)[1] <= 1.0
+    got[0][0, 0, 0, 1] += 2 * LATENT_ATOL  # only atol applies at a zero reference
+    assert parity.step_differences(expected, got, cfg)[1] > 1.0
+
+
+@pytest.mark.parametrize("key, value", [("pred_z_max_abs", 2e-4), ("pred_c_max_abs", 2e-4), ("image_max_abs", 0.02)])
+def test_each_fp32_tolerance_can_fail_the_verdict(key, value):
+    cfg = parity.ParityConfig(pred_atol=1e-4, image_atol=1e-2)
+    assert parity.passes(_passing_metrics(0.5), cfg)
+    assert not parity.passes(dict(_passing_metrics(0.5), **{key: value}), cfg)
+
+
+def test_low_precision_fails_below_the_psnr_floor():
+    cfg = parity.ParityConfig(fp16=True, psnr_min=30.0)
+    assert parity.passes(dict(_passing_metrics(50.0), image_psnr_db=31.0), cfg)
+    assert not parity.passes(dict(_passing_metrics(0.0), image_psnr_db=29.0), cfg)
+
+
+def test_a_runtime_loop_off_in_one_element_fails_run_parity(setup, monkeypatch):
+    """End to end: one element of one recorded runtime step moved by 3x the tolerance -> passed is False."""
+    _, cfg, rc = setup
+    real = parity.runtime_run
+
+    def off_by_one_element(*args, **kwargs):
+        images, steps = real(*args, **kwargs)
+        steps[1] = steps[1].copy()
+        steps[1].flat[5] += 3 * (cfg.latent_atol + cfg.latent_rtol * abs(steps[1].flat[5]))
+        return images, steps
+
+    monkeypatch.setattr(parity, "runtime_run", off_by_one_element)
+    m = parity.run_parity(dataclasses.replace(cfg, items=1, samples=1), rc, DATASET, PAIR)
+    assert m["latent_tolerance_ratio"] > 2.0 and m["image_max_abs"] <= cfg.image_atol
+    assert m["passed"] is False

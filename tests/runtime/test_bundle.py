@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from brainldm.runtime import bundle as bl
-from tests.export.tiny_bundle import N_VOXELS, SESSIONS, build_tiny_bundle
+from brainldm.runtime import cli
+from brainldm.runtime.reconstructor import Reconstructor
+from tests.export.tiny_bundle import N_VOXELS, SESSIONS, build_tiny_bundle, raw_test
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +66,29 @@ def test_inconsistent_shapes_are_caught(copy):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(bl.BundleError, match=r"std has shape \(1, 30\); the manifest implies \(2, 30\)"):
         bl.load_bundle(copy)
+
+
+def _tamper(bundle_dir, rel="models/unet.onnx"):
+    """Append one byte to a listed file: its size and hash change, the graph may even still load."""
+    with open(bundle_dir / rel, "ab") as f:
+        f.write(b"\0")
+
+
+def test_reconstructor_verifies_hashes_by_default(copy):
+    _tamper(copy)
+    with pytest.raises(bl.BundleError, match="sha256 mismatch for models/unet.onnx"):
+        Reconstructor(copy, threads=1)
+
+
+def test_cli_verifies_hashes_by_default(copy, tmp_path, capsys):
+    _tamper(copy)
+    raw = raw_test()
+    np.savez(tmp_path / "in.npz", betas=raw["betas"], session=raw["session"], group=raw["image_index"])
+    args = ["reconstruct", "--bundle", str(copy), "--betas", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out"),
+            "--threads", "1"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "sha256 mismatch for models/unet.onnx" in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+    assert not (tmp_path / "out").exists()  # the bundle is checked before the output folder is made
+

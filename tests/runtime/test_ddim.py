@@ -27,6 +27,7 @@ CONFIGS = {
     "sd_linspace": {**SD_CONFIG, "timestep_spacing": "linspace"},
     "linear_v_clip": {"beta_schedule": "linear", "prediction_type": "v_prediction", "clip_sample": True,
                       "set_alpha_to_one": True, "timestep_spacing": "leading"},
+    "sd_sample": {**SD_CONFIG, "prediction_type": "sample"},  # the model predicts x_0 directly
     "defaults": {},
 }
 
@@ -108,7 +109,7 @@ def _img2img_loop(ours, theirs, steps, strength, noise_scale):
         yield x_ours, x_theirs.numpy(), one_step
 
 
-@pytest.mark.parametrize("name", ["sd_leading", "sd_trailing", "sd_linspace", "linear_v_clip"])
+@pytest.mark.parametrize("name", ["sd_leading", "sd_trailing", "sd_linspace", "linear_v_clip", "sd_sample"])
 @pytest.mark.parametrize("steps", [10, 50])
 @pytest.mark.parametrize("strength", [0.3, 0.8, 1.0])
 def test_loop_bitwise_with_torch_rounding(name, steps, strength):
@@ -133,6 +134,23 @@ def test_loop_native_rounding_close_to_diffusers(name, steps, strength):
         assert x_ours.dtype == np.float32
         np.testing.assert_allclose(one_step, x_theirs, rtol=0, atol=TOL)
         np.testing.assert_allclose(x_ours, x_theirs, rtol=0, atol=LOOP_TOL)
+
+
+# steps x strength pairs whose product is not a whole number (or is one only up to float error,
+# e.g. 0.29 * 100 = 28.999999999999996): the start step is diffusers' int(), neither round() nor ceil().
+FRACTIONAL_STRENGTHS = [(50, 0.75), (7, 0.33), (9, 0.9), (10, 0.29), (100, 0.29), (3, 0.5), (20, 0.99), (10, 0.15)]
+
+
+@pytest.mark.parametrize("name", ["sd_leading", "sd_trailing", "sd_linspace"])
+@pytest.mark.parametrize("steps, strength", FRACTIONAL_STRENGTHS)
+def test_img2img_start_step_rounds_like_diffusers(name, steps, strength):
+    ours, theirs = _pair(CONFIGS[name])
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    expected = _diffusers_img2img_timesteps(theirs, steps, strength)
+    got = ours.img2img_timesteps(strength)
+    assert len(got) == len(expected), f"{steps} steps x strength {strength}: {len(got)} vs {len(expected)} steps"
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_single_step_hand_computed():

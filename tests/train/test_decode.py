@@ -99,5 +99,25 @@ def test_decode_bad_inputs(fitted, tmp_path, capsys):
     assert "error: decoder checkpoint not found" in capsys.readouterr().err
 
 
-def test_lower_rois_are_what_the_z_decoders_read(fitted):
-    assert load_checkpoint(fitted / "models" / "fake" / "cnn-z.safetensors").spec.input_rois == tuple(LOWER)
+PERTURBATION = 3.0  # added to one ROI's test voxels (their sd is a few units)
+
+
+def _decode_with_perturbed_roi(fitted: Path, root: Path, roi: str | None, decoder: str = "cnn-z") -> np.ndarray:
+    """The decode stage's test predictions after adding PERTURBATION to ``roi``'s test voxels (None: none)."""
+    data = make_fake_data(root)
+    (data / "models").symlink_to(fitted / "models", target_is_directory=True)
+    with h5py.File(data / "prepared" / "fake.h5", "a") as f:
+        if roi is not None:
+            f[f"splits/test/rois/{roi}"][...] += PERTURBATION
+    decode(decode_config(data), "fake", decoder)
+    with h5py.File(data / "results" / "decode" / "fake" / f"{decoder}.h5") as f:
+        return f["pred"][()]
+
+
+def test_z_decoder_reads_exactly_the_lower_rois(fitted, tmp_path):
+    """The decode stage feeds cnn-z the lower ROIs and nothing else: only they move its predictions."""
+    reference = _decode_with_perturbed_roi(fitted, tmp_path / "none", None)
+    np.testing.assert_array_equal(_decode_with_perturbed_roi(fitted, tmp_path / "higher", "higher"), reference)
+    for roi in LOWER:
+        moved = np.abs(_decode_with_perturbed_roi(fitted, tmp_path / roi, roi) - reference).max()
+        assert moved > 1e-3, f"perturbing {roi} did not change the z predictions"

@@ -154,7 +154,6 @@ def test_test_split_never_reaches_fitting(tmp_path, name):
 
 
 def test_ridge_matches_its_linear_module_and_ignores_test(tmp_path):
-    pytest.importorskip("brainldm.train.ridge")
     blobs = []
     for shift in (0.0, 5.0):
         make_fake_data(tmp_path, test_shift=shift)

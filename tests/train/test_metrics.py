@@ -180,3 +180,33 @@ def test_bootstrap_ci_and_summary():
     assert dataclasses.asdict(summary)["level"] == 0.95
     with pytest.raises(ValueError, match="non-finite"):
         metrics.summarise(np.array([0.1, np.nan]))
+
+
+# Large-sample check of the percentile bootstrap against the normal interval mean +- z * sd / sqrt(N).
+CI_SAMPLE_SIZE = 400
+CI_BOOT = 20_000  # Monte Carlo error of each end ~0.02 standard errors
+Z_95, Z_90 = 1.959964, 1.644854
+CI_HALF_WIDTH_RTOL = 0.06  # a 90% interval is 16% narrower than the 95% one
+
+
+def _normal_half_width(values: np.ndarray, z: float) -> float:
+    """z x the plug-in standard error of the mean (population sd, as the bootstrap resamples)."""
+    return z * values.std() / np.sqrt(len(values))
+
+
+@pytest.mark.parametrize("level, z", [(0.95, Z_95), (0.90, Z_90)])
+def test_bootstrap_ci_matches_the_normal_interval_on_a_large_sample(level, z):
+    """N = 400 normal scores: the CI is mean +- z sd / sqrt(N) within 6%, so 90% cannot pass for 95%."""
+    values = np.random.default_rng(1).normal(0.3, 0.1, CI_SAMPLE_SIZE)
+    low, high = metrics.bootstrap_ci(values, n_boot=CI_BOOT, level=level, seed=0)
+    expected = _normal_half_width(values, z)
+    assert (high - low) / 2 == pytest.approx(expected, rel=CI_HALF_WIDTH_RTOL)
+    assert (low + high) / 2 == pytest.approx(values.mean(), abs=CI_HALF_WIDTH_RTOL * expected)
+
+
+def test_default_level_is_95_percent():
+    values = np.random.default_rng(2).normal(0.0, 1.0, CI_SAMPLE_SIZE)
+    summary = metrics.summarise(values, n_boot=CI_BOOT)
+    assert summary.level == 0.95
+    assert (summary.ci_high - summary.ci_low) / 2 == pytest.approx(_normal_half_width(values, Z_95),
+                                                                   rel=CI_HALF_WIDTH_RTOL)

@@ -128,3 +128,38 @@ def test_main_reports_errors(tmp_path, model, capsys):
     write_prepared(tmp_path)
     assert targets.main(["--params", str(params), "--dataset", "toy"]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def _vae_latents_by_hand(model, images: np.ndarray, resolution: int):
+    """Posterior (mean, std) of the diffusers VAE for images (N, H, W, 3) uint8, computed apart from the stage.
+
+    The documented contract: LANCZOS resize to the resolution, pixels mapped to [-1, 1], NCHW.
+    """
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
+    resized = np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.LANCZOS))
+                        for im in images])
+    x = torch.from_numpy(resized.astype(np.float32) / 255.0 * 2.0 - 1.0).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    return dist.mean.numpy(), dist.std.numpy(), float(vae.config.scaling_factor)
+
+
+def test_z_is_the_vaes_own_encoding_times_the_scaling_factor(tmp_path, model):
+    """z = scaling_factor x posterior mean (latent: mean), + std x the per-image seeded noise (latent: sample)."""
+    write_prepared(tmp_path / "prep")
+    with h5py.File(tmp_path / "prep" / "toy.h5") as f:
+        images = f["images"][()]
+    mean, std, sf = _vae_latents_by_hand(model, images, resolution=32)
+    assert sf == 0.5  # the fixture's non-default factor, so that a missing or doubled factor shows
+    seed = 3
+    out_mean = make_targets(config(tmp_path, model, latent="mean"), "toy")
+    out_sample = make_targets(config(tmp_path, model, seed=seed, targets_dir=str(tmp_path / "s")), "toy")
+    with h5py.File(out_mean) as f, h5py.File(out_sample) as g:
+        z_mean, z_sample = f["z"][()], g["z"][()]
+    np.testing.assert_allclose(z_mean, sf * mean, rtol=0, atol=1e-5)
+    # the sampling noise of image i: numpy stream (seed, i), as the stage documents
+    eps = np.stack([np.random.default_rng([seed, i]).standard_normal(mean.shape[1:]) for i in range(N)])
+    np.testing.assert_allclose(z_sample, sf * (mean + std * eps.astype(np.float32)), rtol=0, atol=1e-5)
