@@ -22,11 +22,11 @@ def frozen_changes() -> dict[str, list[str]]:
             if not getattr(stage, "frozen", False):
                 continue
             stage.frozen = False  # let DVC compare the deps as it would for any other stage
-            changes = []
-            for entry in stage.status().get(stage.addressing, []):
-                for dep, what in (entry.get("changed deps") or {}).items() if isinstance(entry, dict) else ():
-                    changes.append(f"{dep}: {what}" if isinstance(what, str) else f"{dep}: {sorted(what)}")
-            out[stage.addressing] = sorted(changes)
+            # stage.status() -> {name: [{"changed deps": {dep: "modified" | {param: ...}}}, "changed command", ...]}
+            entries = [e for e in stage.status().get(stage.addressing, []) if isinstance(e, dict)]
+            deps = {dep: what for e in entries for dep, what in e.get("changed deps", {}).items()}
+            out[stage.addressing] = sorted(f"{dep}: {what if isinstance(what, str) else sorted(what)}"
+                                           for dep, what in deps.items())
     return out
 
 

@@ -1,4 +1,4 @@
-"""Tiny NSD and THINGS-fMRI fixtures in the REAL on-disk formats (FACTS.md).
+"""Tiny NSD and THINGS-fMRI fixtures in the REAL on-disk formats (the layouts train/nsd.py and train/things.py read).
 
 Written independently of train/simulate.py: every value is known to the test, so
 loaders can be checked exactly (trial -> image mapping, transposes, scaling, ROIs).

@@ -34,7 +34,7 @@ def results(tmp_path):
 def test_report_tables_hold_our_numbers_and_label_theirs(results):
     text = report.build_report(results)
     assert "| gcn-z | z | gcn | 0.400 | 0.500 | 87.5% | 0.400 | 0.500 | 87.5% | 0.554 | 0.687 |" in text
-    # the original project's published ridge MSEs (FACTS.md: image linear 0.754 / 0.743) on the ridge row
+    # the original project's published ridge MSEs (image linear 0.754 / 0.743, quoted in train/report.py) on the ridge row
     assert "| ridge-z | z | ridge | 0.900 | 0.500 | 87.5% | 0.900 | 0.500 | 87.5% | 0.754 | 0.743 |" in text
     assert "| a | ours | 0.700 [0.590, 0.630] |" in text
     assert "test_images: 60" in text and "theirs" in text
