@@ -57,7 +57,12 @@ class OrtModel:
     outputs go through IO binding on that device; None runs plain ``session.run``."""
 
     def __init__(self, path: Path, providers: list, options: ort.SessionOptions, binding_device: str | None):
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's load errors derive from Exception only
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"{path}: ONNX Runtime cannot load this graph ({first}); "
+                               "re-export the bundle or load it with verify=True to find a damaged file") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # fp16 graphs take float16 inputs: cast here so callers always pass float32

@@ -105,6 +105,16 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
                               f"{actual[:12]}...); the file was modified or corrupted, re-export the bundle")
 
 
+def _check_models_listed(root: Path, manifest: dict[str, Any]) -> None:
+    """Every graph the manifest names must be in its file table, so that verification covers it."""
+    files = manifest.get("files") or {}
+    for name, model in sorted(manifest["models"].items()):
+        for key in ("file", "fp16_file"):
+            if key in model and model[key] not in files:
+                raise BundleError(f"bundle {root}: model {name!r} file {model[key]} is not listed (and hashed) "
+                                  "in the manifest's file table")
+
+
 def _array(root: Path, manifest: dict[str, Any], rel: str, dtype) -> np.ndarray:
     if rel not in manifest["files"]:
         raise BundleError(f"bundle {root}: array {rel} is not listed (and hashed) in the manifest")
@@ -131,6 +141,7 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     """Load the bundle at ``root``; ``verify`` checks every file's sha256 (seconds for SD-sized graphs)."""
     root = Path(root)
     manifest = read_manifest(root)
+    _check_models_listed(root, manifest)
     if verify:
         verify_files(root, manifest)
     norm = manifest["normalisation"]

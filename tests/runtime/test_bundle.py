@@ -92,3 +92,20 @@ def test_cli_verifies_hashes_by_default(copy, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
     assert not (tmp_path / "out").exists()  # the bundle is checked before the output folder is made
 
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_model_missing_from_the_file_table_is_refused(copy, verify):
+    # a graph that is not in the file table would escape the hash check entirely
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["models/unet.onnx"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(bl.BundleError, match="model 'unet' file models/unet.onnx is not listed"):
+        bl.load_bundle(copy, verify=verify)
+
+
+def test_damaged_graph_without_verification_is_one_clear_error(copy):
+    (copy / "models" / "unet.onnx").write_bytes(b"not an onnx graph")
+    from brainldm.runtime.backends import BackendError
+    with pytest.raises(BackendError, match=r"unet.onnx: ONNX Runtime cannot load this graph"):
+        Reconstructor(copy, threads=1, verify=False)
