@@ -29,6 +29,7 @@ ATTRIBUTES = ("kind", "colour", "count", "background")
 LABEL_OFFSET = {"kind": 0, "colour": 0, "count": 1, "background": 0}
 VAL_SEED_OFFSET = 1  # the held-out scenes use seed + 1: disjoint from the training draw
 FORMAT = "brainldm-attribute-classifier-1"
+METADATA_KEY = "brainldm_attribute_classifier"
 
 
 @dataclass(frozen=True)
@@ -171,10 +172,12 @@ class _threads:
 
 
 def save_classifier(model: AttributeNet, cfg: AttributeClassifierConfig, path: str | Path) -> None:
-    """Write the weights as safetensors with the config (JSON) in the metadata, atomically."""
+    """Write the weights as safetensors with JSON {format, config} under one metadata key, atomically."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # one metadata key: safetensors writes several keys in per-process hash order, so the bytes would vary
+    header = json.dumps({"format": FORMAT, "config": config_to_dict(cfg)}, sort_keys=True)
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config_to_dict(cfg), sort_keys=True)})
+        save_file(state, str(tmp), metadata={METADATA_KEY: header})
 
 
 def load_classifier(path: str | Path) -> AttributeNet:
@@ -185,10 +188,10 @@ def load_classifier(path: str | Path) -> AttributeNet:
     if not path.is_file():
         raise FileNotFoundError(f"attribute classifier not found: {path}; run the attribute_classifier stage first")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"{path}: not an attribute classifier (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
-    cfg = from_dict(AttributeClassifierConfig, json.loads(meta["config"]), where=f"{path} config")
+        header = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+    if header.get("format") != FORMAT or "config" not in header:
+        raise ValueError(f"{path}: not an attribute classifier (metadata format {header.get('format')!r}, expected {FORMAT!r})")
+    cfg = from_dict(AttributeClassifierConfig, header["config"], where=f"{path} config")
     model = _build(cfg)
     model.load_state_dict(load_file(str(path)))
     return model.eval()

@@ -45,6 +45,15 @@ def test_save_load_roundtrip_and_api(trained):
     assert ac.features(model, big).shape == (12, cfg.feature_dim)
 
 
+def test_file_bytes_do_not_depend_on_hash_order(trained):
+    # safetensors writes metadata keys in a per-process random order; the model file of one
+    # run differed from the next (same weights) until the metadata became a single key
+    from safetensors import safe_open
+    cfg, _ = trained
+    with safe_open(str(cfg.out), framework="pt") as f:
+        assert list(f.metadata()) == [ac.METADATA_KEY]
+
+
 def test_deterministic_training():
     cfg = ac.AttributeClassifierConfig(**{**QUICK, "n_train": 64, "n_val": 16, "epochs": 1})
     a, ma = ac.train(cfg)
