@@ -23,6 +23,7 @@ Peak RSS is VmHWM of the worker process (its own address space).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -31,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from brainldm.runtime.bundle_format import read_manifest
 from bench_bundles import (GPU_BATCHES, GPU_RESOLUTION, REPO, build_small_ldm_bundle, build_sd14_bundle,
                            flops_per_image, tiny_bundle)
 
@@ -56,12 +58,12 @@ def bench_inputs(bundle: Path, batch: int, seed: int = 0):
     """``batch`` raw-beta items (one trial each) drawn around the bundle's first session's statistics."""
     import numpy as np
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    mean = np.load(bundle / manifest["normalisation"]["mean"])[0]
-    std = np.load(bundle / manifest["normalisation"]["std"])[0]
+    manifest = read_manifest(bundle)
+    mean = np.load(bundle / manifest.normalisation.mean)[0]
+    std = np.load(bundle / manifest.normalisation.std)[0]
     rng = np.random.default_rng(seed)
     betas = (mean + std * rng.standard_normal((batch, len(mean)))).astype(np.float32)
-    return manifest, betas, np.full(batch, manifest["input"]["sessions"][0], np.int64)
+    return manifest, betas, np.full(batch, manifest.input.sessions[0], np.int64)
 
 
 class Timers:
@@ -109,7 +111,7 @@ def worker_runtime(args) -> dict:
         def one():
             decoded = rec.decode(betas, session)
             items = np.arange(batch)
-            return rec.generate(decoded.z, decoded.c, items, np.zeros(batch, np.int64), manifest["generation"]["seed"])
+            return rec.generate(decoded.z, decoded.c, items, np.zeros(batch, np.int64), manifest.generation.seed)
 
         one()  # warm-up (ORT/TensorRT allocations, kernel selection)
         timers.seconds = dict.fromkeys(STAGES, 0.0)
@@ -139,24 +141,24 @@ def worker_reference(args) -> dict:
     from brainldm.train.reconstruct import ReconstructConfig, reconstruct_batch
 
     torch.set_num_threads(max(args.threads, 1))
-    manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
+    manifest = read_manifest(Path(args.bundle))
     device = "cuda" if args.gpu else "cpu"
     dtype = torch.float16 if args.gpu else torch.float32
-    pipe = _reference_pipe(manifest["image_model"]["source"], device, dtype)
-    models_dir = Path(manifest["config"]["export"]["models_dir"]) / manifest["dataset"]
-    predictors = {k: decoders.load_checkpoint(models_dir / f"{d['name']}.safetensors").predictor().to(device)
-                  for k, d in manifest["decoders"].items()}
+    pipe = _reference_pipe(manifest.image_model.source, device, dtype)
+    models_dir = Path(manifest.config["export"]["models_dir"]) / manifest.dataset
+    predictors = {k: decoders.load_checkpoint(models_dir / f"{d.name}.safetensors").predictor().to(device)
+                  for k, d in manifest.decoders.items()}
     cold = time.perf_counter() - start
     sync = torch.cuda.synchronize if args.gpu else None
     timers = Timers(sync)
     _time_reference_stages(pipe, predictors, timers)
-    g = manifest["generation"]
-    cfg = ReconstructConfig(steps=g["steps"], strength=g["strength"], guidance=g["guidance"], seed=g["seed"],
-                            encode_mode=g["encode_mode"], resolution=manifest["image_model"]["resolution"])
-    uncond = np.load(Path(args.bundle) / manifest["uncond"])
-    mean = np.load(Path(args.bundle) / manifest["normalisation"]["mean"])[0]
-    std = np.load(Path(args.bundle) / manifest["normalisation"]["std"])[0]
-    columns = {k: np.load(Path(args.bundle) / d["columns"]) for k, d in manifest["decoders"].items()}
+    g = manifest.generation
+    cfg = ReconstructConfig(steps=g.steps, strength=g.strength, guidance=g.guidance, seed=g.seed,
+                            encode_mode=g.encode_mode, resolution=manifest.image_model.resolution)
+    uncond = np.load(Path(args.bundle) / manifest.uncond)
+    mean = np.load(Path(args.bundle) / manifest.normalisation.mean)[0]
+    std = np.load(Path(args.bundle) / manifest.normalisation.std)[0]
+    columns = {k: np.load(Path(args.bundle) / d.columns) for k, d in manifest.decoders.items()}
     results = {}
     for batch in args.batches:
         x = (bench_inputs(Path(args.bundle), batch)[1] - mean) / std
@@ -200,7 +202,7 @@ def _reference_gpu(pipe, z, c, uncond, items, cfg):
     import numpy as np
     import torch
 
-    from brainldm.train.reconstruct import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise
+    from brainldm.runtime.generation import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise
 
     device, dtype = pipe.unet.device, pipe.unet.dtype
     shape = z.shape[1:]
@@ -264,9 +266,9 @@ def main_cpu(args) -> dict:
                 args.bundle = build_small_ldm_bundle(Path(tmp), args.steps, args.params)
         reference = run_worker("reference", args, [])
         runtime = run_worker("runtime", args, ["--backend", "ort-cpu"])
-        manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
-    entry = {"model": model or manifest["image_model"]["source"], "resolution": manifest["image_model"]["resolution"],
-             "generation": manifest["generation"], "threads": args.threads, "repeats": args.repeats,
+        manifest = read_manifest(Path(args.bundle))
+    entry = {"model": model or manifest.image_model.source, "resolution": manifest.image_model.resolution,
+             "generation": dataclasses.asdict(manifest.generation), "threads": args.threads, "repeats": args.repeats,
              "reference": reference, "runtime_ort_cpu": runtime, "ratio_runtime_over_reference": ratios(runtime, reference)}
     for batch, r in entry["ratio_runtime_over_reference"].items():
         print(f"batch {batch}: runtime {runtime[batch]['images_per_s']:.2f} img/s vs reference "

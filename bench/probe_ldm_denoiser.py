@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from brainldm.runtime.atomic import write_text_atomic
+from brainldm.runtime.generation import to_uint8
 from brainldm.train import ldm_eval as E
 from brainldm.train import scenes
 from brainldm.train import train_ldm as T
@@ -27,10 +28,11 @@ from brainldm.train.targets import TargetsConfig, encode_texts
 DEFAULT_OUT = Path("bench/results/probe_ldm_denoiser.json")
 
 
-def to_uint8(pipe, latents: torch.Tensor):
-    """Scaled latents (N, C, h, w) -> images (N, S, S, 3) uint8."""
+def decode_uint8(pipe, latents: torch.Tensor):
+    """Scaled latents (N, C, h, w) -> images (N, S, S, 3) uint8: [-1, 1] -> [0, 1] as diffusers' postprocess,
+    then the pipeline's own quantisation."""
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return to_uint8((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ def probe(model: str, n_images: int, timesteps: list[int], scales: list[float]) 
         eps_u = pipe.unet(z_t, t, encoder_hidden_states=uncond).sample
         for w in scales:
             x0 = (z_t - (1 - abar[t]).sqrt() * (eps_u + w * (eps_c - eps_u))) / abar[t].sqrt()
-            out["x0_hat_pixcorr"][f"t{t}_w{w:g}"] = E.mean_pixcorr(gt, to_uint8(pipe, x0))
+            out["x0_hat_pixcorr"][f"t{t}_w{w:g}"] = E.mean_pixcorr(gt, decode_uint8(pipe, x0))
     # 3. Full img2img as the train_ldm stage runs it, at each guidance scale.
     out["img2img_pixcorr"] = {f"w{w:g}": E.mean_pixcorr(gt, E.img2img(pipe, z, c, uncond[:1], dataclasses.replace(
         cfg.eval, guidance=w))) for w in scales + [3.0]}

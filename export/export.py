@@ -9,13 +9,8 @@ strength, guidance, samples, seed, encode_mode, resolution, image model, pairs) 
 read from the params section ``reconstruct``, so the bundle reproduces exactly the
 reference reconstruction; section ``export`` holds what is specific to exporting.
 
-Layout::
-
-    manifest.json
-    models/{z_decoder,c_decoder,unet,vae_decoder,vae_encoder}.onnx   (+ .onnx.data > 2 GB)
-    models/{unet,vae_decoder,vae_encoder}.fp16.onnx                  (export.fp16; fp16 inputs/outputs)
-    arrays/{voxel_ids,norm_sessions,norm_mean,norm_std,columns_z,columns_c,uncond,alphas_cumprod}.npy
-    tensorrt/<trt version>_<gpu name>/*.plan                         (tensorrt importable)
+The layout, the model and array names and the typed manifest are the bundle contract
+(``runtime/bundle_format.py``), which the runtime validates bundles against on load.
 
 Each graph is checked against torch on fixed inputs before anything is written; the
 measured differences go to ``<checks_dir>/<dataset>-<pair>.json``, not into the bundle:
@@ -24,7 +19,7 @@ they depend on the processor ONNX Runtime runs on, and the bundle must not.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -36,15 +31,15 @@ import torch
 from tqdm import tqdm
 
 from brainldm.export import onnx_models, tensorrt_engines
+from brainldm.runtime import bundle_format as bf
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import decoders
 from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
 from brainldm.train.reconstruct import PairConfig, ReconstructConfig, load_reference_pipeline, native_resolution
 
-BUNDLE_FORMAT_VERSION = 1
-MODEL_NAMES = ("z_decoder", "c_decoder", "unet", "vae_decoder", "vae_encoder")
-FP16_MODELS = ("unet", "vae_decoder", "vae_encoder")  # the decoders are small: they stay fp32
-HASH_CHUNK_BYTES = 1 << 20
+GRAPH_DTYPE = "float32"  # of every graph's main file (the fp16 variants are listed apart)
+INPUT_LAYOUT = "betas (n, n_voxels) float32 raw responses, columns in voxel_ids order; one session per row"
+NORMALISATION_FORMULA = "(betas - mean[session]) / std[session], float32; then repeats averaged in float64"
 
 
 @dataclass(frozen=True)
@@ -72,15 +67,6 @@ class ExportError(ValueError):
     """The inputs of the export do not fit together."""
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_prepared(path: Path) -> dict:
     """Input layout, normalisation, ROI columns and graph of a prepared file (no split data)."""
     if not path.is_file():
@@ -95,9 +81,10 @@ def read_prepared(path: Path) -> dict:
         info["graph"] = None
         if "graph" in f:
             g = f["graph"]
-            info["graph"] = {"edge_index": np.asarray(g["edge_index"]).tolist(),
-                             "edge_weight": np.asarray(g["edge_weight"], np.float64).tolist(),
-                             "node_rois": json.loads(g["node_rois"][()]), "pad_length": int(g.attrs["pad_length"])}
+            info["graph"] = bf.RoiGraph(edge_index=tuple(map(tuple, np.asarray(g["edge_index"]).tolist())),
+                                        edge_weight=tuple(np.asarray(g["edge_weight"], np.float64).tolist()),
+                                        node_rois=tuple(map(tuple, json.loads(g["node_rois"][()]))),
+                                        pad_length=int(g.attrs["pad_length"]))
     return info
 
 
@@ -146,32 +133,35 @@ def check_z_fits(z_shape: tuple[int, ...], pipe) -> None:
                           f"({channels}, h, h)")
 
 
-def export_graphs(cfg: ExportConfig, specs: list, models_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Export and check each graph. Returns the manifest entries, name -> {file, dtype, io} (paths
-    relative to the bundle), and the checks, name -> {max_abs: {output: float}, atol[, fp16_*]}."""
-    models_dir.mkdir()
+def export_graphs(cfg: ExportConfig, specs: list, bundle: Path) -> tuple[dict[str, bf.ModelEntry], dict[str, dict]]:
+    """Export and check each graph into ``bundle``'s models folder. Returns the manifest entries,
+    name -> ModelEntry, and the checks, name -> {max_abs: {output: float}, atol[, fp16_*]}."""
+    (bundle / bf.MODELS_DIR).mkdir()
     entries, checks = {}, {}
     for spec in tqdm(specs, desc="export onnx", unit="graph"):
-        path = models_dir / f"{spec.name}.onnx"
-        onnx_models.export_graph(spec, path, cfg.opset)
-        checks[spec.name] = {"max_abs": onnx_models.check_graph(spec, path), "atol": spec.atol}
-        entries[spec.name] = {"file": f"models/{path.name}", "dtype": "float32", **onnx_models.io_names(path)}
-        if cfg.fp16 and spec.name in FP16_MODELS:
-            half = models_dir / f"{spec.name}.fp16.onnx"
-            onnx_models.export_fp16(spec, half, cfg.opset)
-            entries[spec.name]["fp16_file"] = f"models/{half.name}"
-            checks[spec.name]["fp16_max_abs_vs_fp32"] = onnx_models.check_graph(spec, half, cfg.fp16_atol)
+        rel = bf.model_file(spec.name)
+        onnx_models.export_graph(spec, bundle / rel, cfg.opset)
+        checks[spec.name] = {"max_abs": onnx_models.check_graph(spec, bundle / rel), "atol": spec.atol}
+        inputs, outputs = onnx_models.io_names(bundle / rel)
+        entries[spec.name] = bf.ModelEntry(file=rel, dtype=GRAPH_DTYPE, inputs=inputs, outputs=outputs)
+        if cfg.fp16 and spec.name in bf.FP16_MODELS:
+            half = bf.model_file(spec.name, fp16=True)
+            onnx_models.export_fp16(spec, bundle / half, cfg.opset)
+            entries[spec.name] = dataclasses.replace(entries[spec.name], fp16_file=half)
+            checks[spec.name]["fp16_max_abs_vs_fp32"] = onnx_models.check_graph(spec, bundle / half, cfg.fp16_atol)
             checks[spec.name]["fp16_atol"] = cfg.fp16_atol
     return entries, checks
 
 
-def save_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
-    """Write each array as ``arrays/<name>.npy``; returns name -> relative path."""
-    folder.mkdir()
+def save_arrays(bundle: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write each array (every name of bf.ARRAY_NAMES) to its place in ``bundle``; returns name -> relative path."""
+    if sorted(arrays) != sorted(bf.ARRAY_NAMES):
+        raise ExportError(f"bundle arrays {sorted(arrays)}; the bundle format has {sorted(bf.ARRAY_NAMES)}")
+    (bundle / bf.ARRAYS_DIR).mkdir()
     out = {}
     for name, array in arrays.items():
-        np.save(folder / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
-        out[name] = f"arrays/{name}.npy"
+        out[name] = bf.array_file(name)
+        np.save(bundle / out[name], np.ascontiguousarray(array), allow_pickle=False)
     return out
 
 
@@ -184,37 +174,40 @@ def _graph_specs(cfg: ExportConfig, pipe, checkpoints: dict, resolution: int, te
                                                   z_side)
 
 
-def _manifest(prepared: dict, rc: ReconstructConfig, pair_name: str, checkpoints: dict, pipe, resolution: int,
-              arrays: dict[str, str], models: dict, trt: dict | None) -> dict:
+def _image_model(rc: ReconstructConfig, pipe, resolution: int, text_shape: tuple[int, ...]) -> bf.ImageModel:
     factor = int(pipe.vae_scale_factor)
-    channels = int(pipe.vae.config.latent_channels)
-    scheduler_config = {k: v for k, v in dict(pipe.scheduler.config).items()}
-    return {
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "created_by": {"module": "brainldm.export.export", "torch": torch.__version__,
-                       "onnxruntime": onnx_models.ort.__version__},
-        "dataset": prepared["dataset"], "subject": prepared["subject"], "source": prepared["source"], "pair": pair_name,
-        "input": {"layout": "betas (n, n_voxels) float32 raw responses, columns in voxel_ids order; one session per row",
-                  "voxel_ids": arrays["voxel_ids"], "n_voxels": int(len(prepared["voxel_ids"])),
-                  "sessions": prepared["sessions"].tolist()},
-        "normalisation": {"sessions": arrays["norm_sessions"], "mean": arrays["norm_mean"], "std": arrays["norm_std"],
-                          "formula": "(betas - mean[session]) / std[session], float32; then repeats averaged in float64"},
-        "decoders": {key: {"name": getattr(rc.pairs[pair_name], key), "kind": ck.spec.kind, "model": f"{key}_decoder",
-                           "input_rois": list(ck.spec.input_rois), "columns": arrays[f"columns_{key}"],
-                           "n_inputs": ck.spec.n_voxels, "target_shape": list(ck.spec.target_shape)}
-                     for key, ck in checkpoints.items()},
-        "graph": prepared["graph"],
-        "image_model": {"source": str(rc.model), "latent_shape": [channels, resolution // factor, resolution // factor],
-                        "scaling_factor": float(pipe.vae.config.scaling_factor), "vae_scale_factor": factor,
-                        "resolution": resolution, "native_resolution": native_resolution(pipe),
-                        "text_shape": list(checkpoints["c"].spec.target_shape)},
-        "scheduler": {"config": scheduler_config, "alphas_cumprod": arrays["alphas_cumprod"]},
-        "generation": {"steps": rc.steps, "strength": rc.strength, "guidance": rc.guidance, "samples": rc.samples,
-                       "seed": rc.seed, "encode_mode": rc.encode_mode},
-        "uncond": arrays["uncond"],
-        "models": models,
-        "tensorrt": trt,
-    }
+    side = resolution // factor
+    return bf.ImageModel(source=str(rc.model), latent_shape=(int(pipe.vae.config.latent_channels), side, side),
+                         scaling_factor=float(pipe.vae.config.scaling_factor), vae_scale_factor=factor,
+                         resolution=resolution, native_resolution=native_resolution(pipe), text_shape=text_shape)
+
+
+def _manifest(prepared: dict, rc: ReconstructConfig, pair_name: str, checkpoints: dict, pipe, resolution: int,
+              arrays: dict[str, str], parts: dict) -> bf.Manifest:
+    """The bundle's manifest; ``parts`` holds the entries made along the way: models, tensorrt, files, config."""
+    pair = rc.pairs[pair_name]
+    decoders_entry = {key: bf.DecoderEntry(name=getattr(pair, key), kind=ck.spec.kind, model=bf.decoder_model(key),
+                                           input_rois=tuple(ck.spec.input_rois), columns=arrays[f"columns_{key}"],
+                                           n_inputs=ck.spec.n_voxels, target_shape=tuple(ck.spec.target_shape))
+                      for key, ck in checkpoints.items()}
+    return bf.Manifest(
+        format_version=bf.FORMAT_VERSION,
+        created_by=bf.CreatedBy(module="brainldm.export.export", torch=torch.__version__,
+                                onnxruntime=onnx_models.ort.__version__),
+        dataset=prepared["dataset"], subject=prepared["subject"], source=prepared["source"], pair=pair_name,
+        input=bf.InputLayout(layout=INPUT_LAYOUT, voxel_ids=arrays["voxel_ids"],
+                             n_voxels=int(len(prepared["voxel_ids"])), sessions=tuple(prepared["sessions"].tolist())),
+        normalisation=bf.Normalisation(sessions=arrays["norm_sessions"], mean=arrays["norm_mean"],
+                                       std=arrays["norm_std"], formula=NORMALISATION_FORMULA),
+        decoders=decoders_entry,
+        graph=prepared["graph"],
+        image_model=_image_model(rc, pipe, resolution, tuple(checkpoints["c"].spec.target_shape)),
+        scheduler=bf.Scheduler(config=dict(pipe.scheduler.config), alphas_cumprod=arrays["alphas_cumprod"]),
+        generation=bf.Generation(steps=rc.steps, strength=rc.strength, guidance=rc.guidance, samples=rc.samples,
+                                 seed=rc.seed, encode_mode=rc.encode_mode),
+        uncond=arrays["uncond"],
+        **parts,
+    )
 
 
 def build_bundle(cfg: ExportConfig, rc: ReconstructConfig, dataset: str, pair_name: str) -> Path:
@@ -236,21 +229,19 @@ def build_bundle(cfg: ExportConfig, rc: ReconstructConfig, dataset: str, pair_na
     with atomic_path(out, suffix="") as tmp:
         tmp.mkdir()
         # 2. Graphs, each checked against torch (raises before anything is renamed into place).
-        models, checks = export_graphs(cfg, _graph_specs(cfg, pipe, checkpoints, resolution, uncond.shape),
-                                       tmp / "models")
+        models, checks = export_graphs(cfg, _graph_specs(cfg, pipe, checkpoints, resolution, uncond.shape), tmp)
         # 3. Arrays the runtime needs.
-        arrays = save_arrays(tmp / "arrays", {
+        arrays = save_arrays(tmp, {
             "voxel_ids": prepared["voxel_ids"], "norm_sessions": prepared["sessions"], "norm_mean": prepared["mean"],
             "norm_std": prepared["std"], "columns_z": columns["z"], "columns_c": columns["c"], "uncond": uncond,
             "alphas_cumprod": pipe.scheduler.alphas_cumprod.numpy().astype(np.float32)})
         # 4. Optional TensorRT engines, then the manifest with every file's hash.
         sides = (int(checkpoints["z"].spec.target_shape[-1]), resolution // int(pipe.vae_scale_factor))
         trt = tensorrt_engines.build_all(tmp, models, cfg.trt_batch_sizes, sides) if cfg.tensorrt else None
-        manifest = _manifest(prepared, rc, pair_name, checkpoints, pipe, resolution, arrays, models, trt)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256(p) for p in files}
-        manifest["config"] = {"export": config_to_dict(cfg), "reconstruct": config_to_dict(rc)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        files = {p.relative_to(tmp).as_posix(): bf.file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        config = {"export": config_to_dict(cfg), "reconstruct": config_to_dict(rc)}
+        bf.write_manifest(tmp, _manifest(prepared, rc, pair_name, checkpoints, pipe, resolution, arrays,
+                                         {"models": models, "tensorrt": trt, "files": files, "config": config}))
     # 5. The checks' numbers, beside the bundle (written after it, so they never describe another one).
     write_text_atomic(Path(cfg.checks_dir) / f"{dataset}-{pair_name}.json",
                       json.dumps({"graphs": checks, "bundle": str(out)}, indent=1, sort_keys=True))

@@ -39,6 +39,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from brainldm.runtime.bundle_format import TensorInfo
+
 BATCH_AXIS = "batch"
 PROTOBUF_LIMIT_BYTES = 2 * 1024 ** 3
 MIN_OPSET = 17
@@ -214,15 +216,15 @@ def check_graph(spec: GraphSpec, path: Path, atol: float | None = None) -> dict[
     return errors
 
 
-def io_names(path: Path) -> dict[str, list[dict]]:
-    """Input and output names, dtypes and shapes (symbolic axes as strings) of an ONNX graph."""
+def io_names(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+    """(inputs, outputs) of an ONNX graph: names, dtypes and shapes (symbolic axes as strings, unknown None)."""
     session = onnx_session(path)
 
-    def describe(args):
-        return [{"name": a.name, "type": a.type, "shape": [d if isinstance(d, (int, str)) else None for d in a.shape]}
-                for a in args]
+    def describe(args) -> tuple[TensorInfo, ...]:
+        return tuple(TensorInfo(name=a.name, type=a.type,
+                                shape=tuple(d if isinstance(d, (int, str)) else None for d in a.shape)) for a in args)
 
-    return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
+    return describe(session.get_inputs()), describe(session.get_outputs())
 
 
 def graph_files(path: Path) -> list[Path]:

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from brainldm.runtime.atomic import write_text_atomic
-from brainldm.runtime.reconstructor import Reconstructor, to_uint8
+from brainldm.runtime.bundle_format import DECODER_KEYS
+from brainldm.runtime.generation import to_uint8
+from brainldm.runtime.reconstructor import Reconstructor
 from brainldm.train import decode, decoders
-from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
 from brainldm.train.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
 
 GENERATION_KEYS = ("steps", "strength", "guidance", "encode_mode")
@@ -81,7 +83,7 @@ def reference_predictions(cfg: ParityConfig, rc: ReconstructConfig, dataset: str
     """Torch decoders on the prepared test split: z (n, C, h, w), c (n, T, D), image_index (n,)."""
     prepared = Path(cfg.prepared_dir) / f"{dataset}.h5"
     out = {}
-    for key in ("z", "c"):
+    for key in DECODER_KEYS:
         name = getattr(rc.pairs[pair], key)
         checkpoint = decoders.load_checkpoint(Path(cfg.models_dir) / dataset / f"{name}.safetensors")
         x, image_index, _ = decode.load_inputs(prepared, "test", checkpoint.spec.input_rois)
@@ -171,8 +173,10 @@ def compare_generation(rec: Reconstructor, pipe, ref: dict, run: dict, rc: Recon
 
 def check_settings(rec: Reconstructor, rc: ReconstructConfig) -> None:
     """The bundle must have been exported with the reference's generation settings."""
-    differ = {k: (rec.generation[k], getattr(rc, k)) for k in GENERATION_KEYS if rec.generation[k] != getattr(rc, k)}
-    resolution = rc.resolution or rec.bundle.image_model["native_resolution"]
+    exported = rec.bundle.generation
+    differ = {k: (getattr(exported, k), getattr(rc, k)) for k in GENERATION_KEYS
+              if getattr(exported, k) != getattr(rc, k)}
+    resolution = rc.resolution or rec.bundle.image_model.native_resolution
     if rec.resolution != resolution:
         differ["resolution"] = (rec.resolution, resolution)
     if differ:
@@ -227,22 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--pair", required=True)
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         cfg = load_config(ParityConfig, "parity", args.params)
         rc = load_config(ReconstructConfig, "reconstruct", args.params)
         torch.set_num_threads(max(cfg.threads, 1))
         metrics = run_parity(cfg, rc, args.dataset, args.pair)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    out = Path(cfg.results_dir) / f"{args.dataset}-{args.pair}.json"
-    write_text_atomic(out, json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"wrote {out}: latents {metrics['latent_max_abs']:.2e}, images {metrics['image_max_abs']:.2e}, "
-          f"passed={metrics['passed']}")
-    if not metrics["passed"]:
-        print(f"error: runtime/reference parity failed beyond the tolerances {metrics['tolerances']}", file=sys.stderr)
-        return 1
-    return 0
+        out = Path(cfg.results_dir) / f"{args.dataset}-{args.pair}.json"
+        # written in any case: a failed run's numbers are what tells how far off it is
+        write_text_atomic(out, json.dumps(metrics, indent=2, sort_keys=True))
+        summary = (f"wrote {out}: latents {metrics['latent_max_abs']:.2e}, images {metrics['image_max_abs']:.2e}, "
+                   f"passed={metrics['passed']}")
+        if not metrics["passed"]:
+            raise ParityError(f"runtime/reference parity failed beyond the tolerances {metrics['tolerances']} "
+                              f"({summary})")
+        return summary
+    return run_stage(work)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from brainldm.runtime.bundle_format import MANIFEST
+
 FLOAT16 = np.float16
 TRT_CACHE_ENV = "BRAINLDM_TRT_CACHE"
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
@@ -167,7 +169,7 @@ def ort_trt_cache(bundle) -> Path:
     ``$BRAINLDM_TRT_CACHE`` or ``~/.cache/brainldm/ort-trt``, then ``<bundle name>-<manifest sha256[:12]>``.
     """
     root = Path(os.environ.get(TRT_CACHE_ENV, Path.home() / ".cache" / "brainldm" / "ort-trt"))
-    digest = hashlib.sha256((bundle.root / "manifest.json").read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256((bundle.root / MANIFEST).read_bytes()).hexdigest()[:12]
     return root / f"{bundle.root.name}-{digest}"
 
 
@@ -296,16 +298,16 @@ class TensorRTBackend:
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
 
     def load(self, bundle, model: str, fp16: bool = False) -> Model:
-        entry = bundle.manifest.get("tensorrt")
-        if not entry:
+        entry = bundle.manifest.tensorrt
+        if entry is None:
             raise BackendError(f"bundle {bundle.root} has no TensorRT engines (exported where tensorrt was missing); "
                                "re-export on this GPU machine or use 'ort-trt'")
         gpu = self.cuda.device_name()
-        if entry["trt_version"] != self.trt.__version__ or entry["gpu"] != gpu:
-            raise BackendError(f"bundle {bundle.root}: engines were built for TensorRT {entry['trt_version']} on "
-                               f"{entry['gpu']}, this machine has TensorRT {self.trt.__version__} on {gpu}; "
+        if entry.trt_version != self.trt.__version__ or entry.gpu != gpu:
+            raise BackendError(f"bundle {bundle.root}: engines were built for TensorRT {entry.trt_version} on "
+                               f"{entry.gpu}, this machine has TensorRT {self.trt.__version__} on {gpu}; "
                                "re-export here or use 'ort-trt'")
-        engine = self.runtime.deserialize_cuda_engine((bundle.root / entry["engines"][model]).read_bytes())
+        engine = self.runtime.deserialize_cuda_engine((bundle.root / entry.engines[model]).read_bytes())
         if engine is None:
             raise BackendError(f"bundle {bundle.root}: TensorRT could not load the {model} engine")
         return TrtModel(self.trt, engine, self.cuda)

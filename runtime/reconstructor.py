@@ -2,8 +2,9 @@
 
 Mirrors the reference (train/reconstruct.py, diffusers' StableDiffusionImg2ImgPipeline
 with DDIM, eta = 0) step by step; see ``Reconstructor.generate``. Noise is drawn with
-numpy from (seed, item, sample, stream) exactly as the reference's ``numpy_noise``, so
-the same inputs give the same images, whatever the batch composition. The item index
+numpy from (seed, item, sample, stream) by ``generation.numpy_noise``, the function the
+reference draws its noise with, so the same inputs give the same images, whatever the
+batch composition. The item index
 that seeds the noise is the item's position among the sorted unique group ids (or its
 row without groups): with group = image index that is the reference's test item index,
 as the test split is sorted by image row (see runtime/preprocess.py).
@@ -14,6 +15,7 @@ size; never for the default models) reproduces torch's bicubic interpolation
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,26 +26,12 @@ from tqdm import tqdm
 from brainldm.runtime import preprocess
 from brainldm.runtime.backends import create_backend
 from brainldm.runtime.bundle import load_bundle
+from brainldm.runtime.bundle_format import DECODER_KEYS, FP16_MODELS, MODEL_NAMES, decoder_model
 from brainldm.runtime.ddim import DDIMScheduler, classifier_free_guidance
+from brainldm.runtime.generation import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise, to_uint8
 
-# Streams of the numpy noise, as in train/reconstruct.py: VAE posterior sample, forward diffusion.
-NOISE_STREAM_POSTERIOR = 0
-NOISE_STREAM_DIFFUSION = 1
-MODEL_NAMES = ("z_decoder", "c_decoder", "unet", "vae_decoder", "vae_encoder")
-FP16_MODELS = ("unet", "vae_decoder", "vae_encoder")
+__all__ = ["Decoded", "Reconstructor", "to_uint8"]  # to_uint8: callers quantise reconstruct_float's images with it
 STATIC_UNET_INPUTS = frozenset({"encoder_hidden_states"})  # one copy to the GPU per batch, not per step
-UINT8_MAX = 255
-
-
-def numpy_noise(seed: int, item: int, sample: int, stream: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal float32 noise of one (item, sample, stream); the reference's exact arithmetic."""
-    rng = np.random.default_rng([seed, item, sample, stream])
-    return rng.standard_normal(shape, dtype=np.float32)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Float images in [0, 1] -> uint8 as the reference writes its PNGs: rint(x * 255), clipped."""
-    return np.clip(np.rint(images * UINT8_MAX), 0, UINT8_MAX).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -74,15 +62,15 @@ class Reconstructor:
         self.bundle = load_bundle(bundle_dir, verify=verify)
         engine = create_backend(backend, threads)
         self.models = {name: engine.load(self.bundle, name, fp16=fp16 and name in FP16_MODELS) for name in MODEL_NAMES}
-        manifest = self.bundle.manifest
-        self.scheduler = DDIMScheduler.from_config(manifest["scheduler"]["config"])
+        self.scheduler = DDIMScheduler.from_config(self.bundle.manifest.scheduler.config)
         # diffusers' own alphas_cumprod: the numpy DDIM then matches torch's loop bit for bit
         self.scheduler.set_alphas_cumprod(self.bundle.alphas_cumprod)
         image = self.bundle.image_model
-        self.scaling = np.float32(image["scaling_factor"])
-        self.resolution = int(image["resolution"])
-        self.latent_shape = tuple(int(s) for s in image["latent_shape"])
-        self.generation = dict(self.bundle.generation)
+        self.scaling = np.float32(image.scaling_factor)
+        self.resolution = image.resolution
+        self.latent_shape = image.latent_shape
+        # the bundle's generation settings as a plain mapping, for callers that pick defaults by name (the CLI)
+        self.generation = dataclasses.asdict(self.bundle.generation)
 
     def _run(self, name: str, static: frozenset[str] = frozenset(), **feeds: np.ndarray) -> list[np.ndarray]:
         return self.models[name].run({k: np.asarray(v, dtype=np.float32) for k, v in feeds.items()}, static)
@@ -91,9 +79,9 @@ class Reconstructor:
         """Raw ``betas (n, V)`` (+ session (n,) 1-based, group (n,) ids) -> per-item z and c."""
         ids, inputs = preprocess.preprocess(betas, session, group, self.bundle)
         out = {}
-        for key in ("z", "c"):
+        for key in DECODER_KEYS:
             x = inputs[key]
-            parts = [self._run(f"{key}_decoder", x=x[s:s + batch_size])[0] for s in range(0, len(x), batch_size)]
+            parts = [self._run(decoder_model(key), x=x[s:s + batch_size])[0] for s in range(0, len(x), batch_size)]
             out[key] = np.concatenate(parts).astype(np.float32)
         return Decoded(ids, out["z"], out["c"])
 
@@ -117,12 +105,12 @@ class Reconstructor:
             init: optional (B, C, h', w') float32 re-encoded latents x scaling that replace steps 1-3
                 (parity feeds the reference's, to compare the denoising loop from identical inputs).
         """
-        g = self.generation
+        g = self.bundle.generation
         if init is None:
             init = self.reencode(z, items, samples, seed, noise)
         # 4. Forward diffusion to the strength's first timestep with stream-1 noise.
-        self.scheduler.set_timesteps(int(g["steps"]))
-        timesteps = self.scheduler.img2img_timesteps(float(g["strength"]))
+        self.scheduler.set_timesteps(g.steps)
+        timesteps = self.scheduler.img2img_timesteps(g.strength)
         diffusion = self._noise(NOISE_STREAM_DIFFUSION, items, samples, seed, noise)
         latents = self.scheduler.add_noise(init, diffusion, np.full(len(z), timesteps[0], np.int64))
         # 5. Denoise: one UNet call on [uncond; cond] (diffusers' order), guidance, DDIM step.
@@ -132,7 +120,7 @@ class Reconstructor:
             eps = self._run("unet", STATIC_UNET_INPUTS, sample=doubled, timestep=np.full(len(doubled), t, np.float32),
                             encoder_hidden_states=hidden)[0]
             eps_uncond, eps_text = np.split(eps, 2)
-            latents = self.scheduler.step(classifier_free_guidance(eps_uncond, eps_text, g["guidance"]), int(t), latents)
+            latents = self.scheduler.step(classifier_free_guidance(eps_uncond, eps_text, g.guidance), int(t), latents)
             if on_step is not None:
                 on_step(i, int(t), latents)
         # 6. Decode and map [-1, 1] -> [0, 1] like diffusers' postprocess; NCHW -> NHWC.
@@ -142,7 +130,6 @@ class Reconstructor:
     def reencode(self, z: np.ndarray, items: np.ndarray, samples: np.ndarray, seed: int,
                  noise: dict | None) -> np.ndarray:
         """Steps 1-3 of :meth:`generate`: z (B, C, h, w) -> init latents (B, C, h', w'), both x scaling."""
-        g = self.generation
         # 1. Decode z (the VAE decoder takes unscaled latents) and clamp, as reencode_latents.
         image = np.clip(self._run("vae_decoder", latents=z / self.scaling)[0], -1.0, 1.0)
         # 2. Resize to the generation resolution (torch-bicubic in numpy; no-op at the native size).
@@ -150,7 +137,7 @@ class Reconstructor:
             image = preprocess.resize_bicubic(image, self.resolution)
         # 3. Encode again: posterior mean (+ std * stream-0 noise), times the scaling factor.
         mean, std = self._run("vae_encoder", image=image)
-        if g["encode_mode"] == "sample":
+        if self.bundle.generation.encode_mode == "sample":
             mean = mean + std * self._noise(NOISE_STREAM_POSTERIOR, items, samples, seed, noise)
         return mean * self.scaling
 
@@ -168,8 +155,8 @@ class Reconstructor:
     def reconstruct_float(self, betas: np.ndarray, session=None, group=None, samples: int | None = None,
                           seed: int | None = None, noise: dict | None = None, batch_size: int = 8) -> np.ndarray:
         """Raw betas -> images (m, K, R, R, 3) float32 in [0, 1]; m items, K samples (bundle defaults)."""
-        samples = int(self.generation["samples"] if samples is None else samples)
-        seed = int(self.generation["seed"] if seed is None else seed)
+        samples = int(self.bundle.generation.samples if samples is None else samples)
+        seed = int(self.bundle.generation.seed if seed is None else seed)
         decoded = self.decode(betas, session, group)
         out = np.empty((len(decoded.ids), samples, self.resolution, self.resolution, 3), np.float32)
         for it, sa, images in self.iter_batches(decoded, samples, seed, noise, batch_size):

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from brainldm.runtime.bundle_format import file_sha256
 
 # Where installed Python packages keep their bytecode: allowed there, nowhere else.
 BYTECODE_OK = ("opt/venv/", "usr/lib/python3", "usr/local/lib/python3")
@@ -36,14 +37,6 @@ CREDENTIAL_NAMES = (".netrc", ".pypirc", ".git-credentials", ".env", "config.loc
                     ".dockercfg", "auth.json")
 # The CA bundle the image's own ca-certificates package generates (not a copy of the secret).
 OWN_CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_betas(prepared: Path, images: int, out: Path) -> dict:
@@ -153,14 +146,14 @@ def _is_secret_copy(path: Path, secret: Path, secret_size: int, secret_sha: str)
         same_size = path.stat().st_size == secret_size
     except OSError:
         return False
-    return same_size and sha256_file(path) == secret_sha
+    return same_size and file_sha256(path) == secret_sha
 
 
 def scan_rootfs(root: Path, target: str, secret: Path | None = None) -> dict:
     """Problems found in an image's root filesystem (empty list = clean)."""
     problems = _expected_layout_problems(root, target)
     secret_size = secret.stat().st_size if secret else None
-    secret_sha = sha256_file(secret) if secret else None
+    secret_sha = file_sha256(secret) if secret else None
     own_ca_equals_secret = False
     files = 0
     for rel, path, is_dir in _walk(root):

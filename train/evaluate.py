@@ -251,7 +251,7 @@ def summarise_scores(scores: dict[str, np.ndarray], cfg: EvaluateConfig) -> dict
 # ---- the stage -------------------------------------------------------------------------
 
 def protocol(cfg: EvaluateConfig, prepared: Path, gt: np.ndarray, pairs: dict[str, PairImages]) -> dict:
-    """The exact evaluation protocol, stated alongside the numbers (FACTS.md: always state it)."""
+    """The exact evaluation protocol, stated alongside the numbers, which depend on it (docs/data-formats.md)."""
     with h5py.File(prepared, "r") as f:
         session = f["splits/test/session"][()] if "splits/test/session" in f else None
     return {

@@ -10,8 +10,8 @@ Reproduces MindEye's evaluation (MindEye1 ``src/Reconstruction_Metrics.py``, Min
 images in [0, 1]:
 
 * images go to the 256 px reference size as float in [0, 1] with the same resize as PixCorr
-  and SSIM (``metrics.prepare_images``: FACTS.md "ground truth 256 px / reconstruction
-  resized to 256 px first");
+  and SSIM (``metrics.prepare_images``; docs/data-formats.md, "Evaluation definitions":
+  the ground truth at 256 px, the reconstruction resized to 256 px first);
 * then torchvision's tensor ``Resize(S)``: bilinear, ``align_corners=False`` and no
   antialiasing (MindEye ran torchvision < 0.17, whose tensor default was no antialias), to
   S = torchvision's ``weights.transforms()`` resize size (AlexNet 256, Inception 342,

@@ -2,7 +2,8 @@
 
 VAE round trip, img2img from the true z and c (as the reconstruction stage runs it), and
 img2img with each image's captions swapped for another's, on scenes from another seed.
-Metrics follow FACTS.md (``train.metrics``: PixCorr and SSIM at 425 px).
+Metrics follow the MindEye convention (``train.metrics``: PixCorr and SSIM at 425 px;
+docs/data-formats.md, "Evaluation definitions").
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brainldm.runtime.generation import to_uint8
 from brainldm.train import scenes
 from brainldm.train.metrics import pixcorr, ssim
 from brainldm.train.targets import TargetsConfig, encode_texts
@@ -52,7 +54,7 @@ def img2img(pipe, z: torch.Tensor, c: torch.Tensor, uncond: torch.Tensor, cfg: E
         images = pipe(prompt_embeds=cb, negative_prompt_embeds=uncond.expand_as(cb), image=zb,
                       strength=cfg.strength, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                       generator=torch.Generator(pipe.device).manual_seed(cfg.seed + s), output_type="np").images
-        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+        out.append(to_uint8(images))
     return np.concatenate(out)
 
 

@@ -1,4 +1,4 @@
-"""Reconstruction metrics in the MindEye convention (FACTS.md "Evaluation definitions").
+"""Reconstruction metrics in the MindEye convention (docs/data-formats.md, "Evaluation definitions").
 
 numpy + scikit-image + Pillow only (no torch), so the metrics can run anywhere.
 

@@ -1,4 +1,4 @@
-"""Natural Scenes Dataset loader: reads NSD's own on-disk layout (see FACTS.md).
+"""Natural Scenes Dataset loader: reads NSD's own on-disk layout (see docs/data-formats.md).
 
 Everything is read from the native files: the experimental design
 (``nsd_expdesign.mat``) maps trials to 73k image ids, ``sharedix`` defines the test

@@ -3,11 +3,13 @@
 For each test image and each (z-decoder, c-decoder) pair: decode the predicted latent
 ``z`` to an image, resize it to the generation resolution, re-encode it with the VAE,
 noise it to ``strength`` and denoise with DDIM under classifier-free guidance,
-conditioned on the predicted text states ``c`` (Takagi & Nishimoto 2023; FACTS.md).
+conditioned on the predicted text states ``c`` (Takagi & Nishimoto 2023; the protocol:
+docs/data-formats.md, "The generation protocol").
 
-All randomness is drawn with numpy from ``(seed, test item, sample)`` and passed in,
-so the lean runtime (no torch) reproduces the very same noise, and a batch's
-composition never changes an image.
+All randomness is drawn with numpy from ``(seed, test item, sample)`` by
+``runtime/generation.py``'s ``numpy_noise`` and passed in, so the lean runtime (no
+torch) reproduces the very same noise, and a batch's composition never changes an
+image. The PNGs are quantised with the runtime's ``to_uint8``.
 """
 from __future__ import annotations
 
@@ -27,12 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path
+from brainldm.runtime.generation import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise, to_uint8
 from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
 from brainldm.train.latent_img2img import LatentImg2ImgPipeline
-
-# Streams of the numpy noise: one for the VAE posterior sample, one for the diffusion noise.
-NOISE_STREAM_POSTERIOR = 0
-NOISE_STREAM_DIFFUSION = 1
 
 
 @dataclass(frozen=True)
@@ -84,12 +83,6 @@ class GivenNoiseImg2ImgPipeline(LatentImg2ImgPipeline):
         init_latents = image.to(device=device, dtype=dtype)
         noise = self.given_noise.to(device=device, dtype=dtype)
         return self.scheduler.add_noise(init_latents, noise, timestep)
-
-
-def numpy_noise(seed: int, item: int, sample: int, stream: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal noise (float32) for one (test item, sample); the runtime draws the same."""
-    rng = np.random.default_rng([seed, item, sample, stream])
-    return rng.standard_normal(shape, dtype=np.float32)
 
 
 def load_reference_pipeline(model_path: str | Path) -> GivenNoiseImg2ImgPipeline:
@@ -221,7 +214,7 @@ def check_model_fits(pipe, z: np.ndarray, c: np.ndarray) -> None:
 
 def _png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from brainldm.runtime.atomic import write_text_atomic
 from brainldm.train.config import load_config, run_stage
 
-# The original project's numbers (FACTS.md): real NSD / THINGS-fMRI, SD v1.4, their protocol.
+# The original project's numbers: real NSD / THINGS-fMRI, SD v1.4, their protocol (docs/data-formats.md).
 THEIR_MSE = {
     ("c", "ridge"): (0.728, 1.144), ("c", "cnn"): (0.266, 0.794),
     ("z", "ridge"): (0.754, 0.743), ("z", "cnn"): (0.558, 0.692),

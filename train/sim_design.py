@@ -1,5 +1,5 @@
 """Experimental designs of the simulated subject: which image is shown in which session,
-run and trial, following NSD's and THINGS-fMRI's own designs (FACTS.md).
+run and trial, following NSD's and THINGS-fMRI's own designs (docs/data-formats.md).
 
 NSD: subject 1 sees shared + own images, each ``n_repeats`` times in distinct sessions,
 ids 1-based as in ``nsd_expdesign.mat``. THINGS-fMRI: training images once, every test

@@ -3,7 +3,7 @@
 Every writer here produces the same bytes for the same input: MAT-file headers get a
 fixed description instead of the creation time, gzip streams (NIfTI) carry no file
 name and mtime 0, h5py datasets and PyTables nodes are written without object
-timestamps. See FACTS.md for the formats.
+timestamps. The formats: docs/data-formats.md.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 ``python -m brainldm.train.simulate --params params.yaml`` writes ``sim-nsd`` and
 ``sim-things`` (each built in a temporary folder and renamed at the end). Stimuli are
 procedural scenes (:mod:`brainldm.train.scenes`); responses come from the voxel-wise
-encoding model (:mod:`brainldm.train.encoding`); the files follow FACTS.md
-(:mod:`brainldm.train.sim_formats`). Same seed, same bytes.
+encoding model (:mod:`brainldm.train.encoding`); the files follow the formats of
+docs/data-formats.md (:mod:`brainldm.train.sim_formats`). Same seed, same bytes.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import encoding, scenes
 from brainldm.train import sim_formats as fmt
-from brainldm.train.config import ConfigError, config_to_dict, load_config
+from brainldm.train.config import config_to_dict, load_config, run_stage
 from brainldm.train.sim_design import NsdDesign, nsd_design, nsd_repeats, runs_and_trials, repeats_of_test_images, things_design
 
 NSD_AREAS = ("V1", "V2", "V3", "hV4", "mid", "high")  # keys of NsdSimConfig.roi_voxels, in layout order
@@ -311,6 +311,10 @@ def run(config: SimulateConfig, datasets: tuple[str, ...] | None = None) -> dict
     return summaries
 
 
+class SimulateError(ValueError):
+    """The existing data is not what the seed and params produce."""
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, keyed by its relative path."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -352,23 +356,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", metavar="REPORT_JSON",
                         help="regenerate in a scratch folder, compare with the existing data, write a report")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> str:
         config = load_config(SimulateConfig, "simulate", args.params)
         if args.verify:
             results = verify(config, Path(args.verify))
-            print("simulate --verify: " + ", ".join(f"{k} {'identical' if ok else 'DIFFERS'}" for k, ok in results.items()))
-            return 0 if all(results.values()) else 1
+            summary = "simulate --verify: " + ", ".join(f"{k} {'identical' if ok else 'DIFFERS'}"
+                                                        for k, ok in results.items())
+            if not all(results.values()):
+                raise SimulateError(f"{summary}: the data is not what seed {config.seed} and params give "
+                                    f"(differing files in {args.verify})")
+            return summary
         start = time.perf_counter()
         summaries = run(config, tuple(args.dataset) if args.dataset else None)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return build_report(summaries, time.perf_counter() - start, config.seed)
+    return run_stage(work)
+
+
+def build_report(summaries: dict[str, dict], seconds: float, seed: int) -> str:
+    """One line per dataset built (its summary, MB, seconds), then the total."""
+    lines = []
     for name, summary in summaries.items():
         details = ", ".join(f"{k}={v}" for k, v in summary.items() if k not in ("bytes", "seconds"))
-        print(f"{name}: {details}, {summary['bytes'] / 1e6:.1f} MB, {summary['seconds']:.1f} s")
+        lines.append(f"{name}: {details}, {summary['bytes'] / 1e6:.1f} MB, {summary['seconds']:.1f} s")
     total = sum(s["bytes"] for s in summaries.values())
-    print(f"simulate: {total / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s (seed {config.seed})")
-    return 0
+    lines.append(f"simulate: {total / 1e6:.1f} MB in {seconds:.1f} s (seed {seed})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""THINGS-fMRI loader: reads the ``betas_csv`` table release (see FACTS.md).
+"""THINGS-fMRI loader: reads the ``betas_csv`` table release (see docs/data-formats.md).
 
 Trial j is column j of ``sub-XX_ResponseData.h5`` (rows = voxels) and row j of
 ``sub-XX_StimulusMetadata.csv``; an ROI is the union of 0/1 columns of

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from brainldm.export import export as ex
+from brainldm.runtime import bundle_format as bf
 from brainldm.runtime.ddim import DDIMScheduler
 from brainldm.train.config import ConfigError, config_to_dict
 from tests.export.tiny_bundle import DATASET, N_VOXELS, PAIR, ROIS, SESSIONS, make_configs
@@ -23,10 +24,10 @@ def built(tmp_path_factory):
 def test_bundle_holds_checked_graphs_arrays_and_hashes(built):
     root, ecfg, rc, bundle = built
     m = json.loads((bundle / "manifest.json").read_text())
-    assert m["format_version"] == ex.BUNDLE_FORMAT_VERSION and m["dataset"] == DATASET and m["pair"] == PAIR
-    assert sorted(m["models"]) == sorted(ex.MODEL_NAMES)
+    assert m["format_version"] == bf.FORMAT_VERSION and m["dataset"] == DATASET and m["pair"] == PAIR
+    assert sorted(m["models"]) == sorted(bf.MODEL_NAMES)
     checks = json.loads((Path(ecfg.checks_dir) / f"{DATASET}-{PAIR}.json").read_text())["graphs"]
-    assert sorted(checks) == sorted(ex.MODEL_NAMES)
+    assert sorted(checks) == sorted(bf.MODEL_NAMES)
     for name, check in checks.items():
         assert 0 < max(check["max_abs"].values()) <= check["atol"] <= 3e-4
         assert "max_abs" not in json.dumps(m["models"][name])  # processor-dependent numbers stay out of the bundle
@@ -37,7 +38,7 @@ def test_bundle_holds_checked_graphs_arrays_and_hashes(built):
     assert m["models"]["vae_decoder"]["inputs"][0]["shape"] == ["batch", 4, "latents_height", "latents_width"]
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     assert sorted(m["files"]) == [f for f in files if f != "manifest.json"]
-    assert all(ex.sha256(bundle / f) == h for f, h in m["files"].items())
+    assert all(bf.file_sha256(bundle / f) == h for f, h in m["files"].items())
     assert m["input"]["n_voxels"] == N_VOXELS and m["input"]["sessions"] == list(SESSIONS)
     assert m["image_model"]["latent_shape"] == [4, 4, 4] and m["image_model"]["resolution"] == 16
     assert m["generation"] == {"steps": 10, "strength": 0.8, "guidance": 5.0, "samples": 2, "seed": 42,
@@ -93,7 +94,7 @@ def test_fp16_variants_are_exported_and_close_to_fp32(built):
     half = dataclasses.replace(ecfg, fp16=True, out_dir=str(root / "half"))
     bundle = ex.build_bundle(half, rc, DATASET, PAIR)
     m = json.loads((bundle / "manifest.json").read_text())
-    for name in ex.FP16_MODELS:
+    for name in bf.FP16_MODELS:
         assert m["models"][name]["fp16_file"] == f"models/{name}.fp16.onnx"
         check = json.loads((Path(half.checks_dir) / f"{DATASET}-{PAIR}.json").read_text())["graphs"][name]
         assert 0 < max(check["fp16_max_abs_vs_fp32"].values()) <= half.fp16_atol

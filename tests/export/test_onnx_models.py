@@ -31,9 +31,9 @@ def test_export_matches_torch_and_has_a_dynamic_batch(tmp_path):
     with torch.no_grad():
         expected = spec.module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, atol=1e-6)
-    io = om.io_names(path)
-    assert io["inputs"][0]["name"] == "x" and io["inputs"][0]["shape"] == [om.BATCH_AXIS, 6]
-    assert io["outputs"][0]["shape"][0] == om.BATCH_AXIS
+    inputs, outputs = om.io_names(path)
+    assert inputs[0].name == "x" and inputs[0].shape == (om.BATCH_AXIS, 6)
+    assert outputs[0].shape[0] == om.BATCH_AXIS
     assert om.graph_files(path) == [path] and list(tmp_path.iterdir()) == [path]
 
 

@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import shutil
 
+import h5py
 import pytest
 import yaml
 
@@ -54,6 +56,30 @@ def test_stage_writes_metrics_and_refuses_other_settings(setup, tmp_path, capsys
     params.write_text(yaml.safe_dump(sections))
     assert parity.main(["--params", str(params), "--dataset", DATASET, "--pair", PAIR]) == 1
     assert "other generation settings" in capsys.readouterr().err
+
+
+def test_a_failed_verdict_and_a_missing_key_are_one_error_line(setup, tmp_path, capsys):
+    root, cfg, rc = setup
+    params = tmp_path / "params.yaml"
+    strict = config_to_dict(cfg) | {"items": 1, "samples": 1, "image_atol": 0.0, "results_dir": str(tmp_path)}
+    params.write_text(yaml.safe_dump({"parity": strict, "reconstruct": config_to_dict(rc)}))
+    assert parity.main(["--params", str(params), "--dataset", DATASET, "--pair", PAIR]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: runtime/reference parity failed beyond the tolerances") and "passed=False" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    # the numbers of a failed run are written all the same
+    assert json.loads((tmp_path / f"{DATASET}-{PAIR}.json").read_text())["passed"] is False
+    # a prepared file without raw test trials: h5py's KeyError, which the stage's own except once missed
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    shutil.copy(root / "prepared" / f"{DATASET}.h5", prepared)
+    with h5py.File(prepared / f"{DATASET}.h5", "a") as f:
+        del f["raw_test/betas"]
+    params.write_text(yaml.safe_dump({"parity": strict | {"prepared_dir": str(prepared)},
+                                      "reconstruct": config_to_dict(rc)}))
+    assert parity.main(["--params", str(params), "--dataset", DATASET, "--pair", PAIR]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "betas" in err[-1] and not any("Traceback" in line for line in err)
 
 
 def test_other_generation_resolution_resizes_like_torch(setup):

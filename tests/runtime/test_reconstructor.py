@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from brainldm.runtime import generation
 from brainldm.runtime import reconstructor as rr
 from brainldm.runtime.backends import BackendError
 from brainldm.train import reconstruct as reference
@@ -17,9 +18,21 @@ def raw():
     return raw_test()
 
 
-def test_noise_is_the_references(rec):
-    for args in [(42, 0, 0, 0, (4, 4, 4)), (7, 3, 1, 1, (2, 5))]:
-        np.testing.assert_array_equal(rr.numpy_noise(*args), reference.numpy_noise(*args))
+def test_noise_is_the_references():
+    # one definition: the reference stage draws with the runtime's function and stream ids
+    assert reference.numpy_noise is generation.numpy_noise and rr.numpy_noise is generation.numpy_noise
+    assert (reference.NOISE_STREAM_POSTERIOR, reference.NOISE_STREAM_DIFFUSION) == (0, 1)
+    a = generation.numpy_noise(42, 3, 1, generation.NOISE_STREAM_POSTERIOR, (4, 4, 4))
+    assert a.dtype == np.float32 and a.shape == (4, 4, 4)
+    np.testing.assert_array_equal(a, generation.numpy_noise(42, 3, 1, generation.NOISE_STREAM_POSTERIOR, (4, 4, 4)))
+    for other in [(42, 3, 1, generation.NOISE_STREAM_DIFFUSION), (42, 3, 0, 0), (42, 2, 1, 0), (41, 3, 1, 0)]:
+        assert not np.array_equal(a, generation.numpy_noise(*other, (4, 4, 4))), other
+
+
+def test_to_uint8_rounds_half_to_even_and_clips():
+    x = np.array([-0.5, 0.0, 0.5 / 255, 1.5 / 255, 0.2, 254.5 / 255, 1.0, 1.5], np.float32)
+    assert generation.to_uint8(x).tolist() == [0, 0, 0, 2, 51, 254, 255, 255]
+    assert rr.to_uint8 is generation.to_uint8 and reference.to_uint8 is generation.to_uint8
 
 
 def test_shapes_ranges_and_determinism(rec, raw):
@@ -68,7 +81,7 @@ def test_given_init_latents_replace_the_reencoding(rec, raw):
 def test_matches_reference_reconstruct_batch(rec, raw, tmp_path):
     """Same z, c, items and noise seeds as the reference stage: images agree to 1e-2 (fp32 CPU)."""
     decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"])
-    pipe = reference.load_reference_pipeline(rec.bundle.manifest["image_model"]["source"])
+    pipe = reference.load_reference_pipeline(rec.bundle.image_model.source)
     cfg = reference.ReconstructConfig(steps=10, strength=0.8, guidance=5.0, seed=42, encode_mode="sample")
     items, samples = np.array([0, 1, 2, 3]), np.array([0, 1, 0, 1])
     expected = reference.reconstruct_batch(pipe, decoded.z[items], decoded.c[items], rec.bundle.uncond, items,
