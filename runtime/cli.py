@@ -2,6 +2,7 @@
 
     brainldm-runtime reconstruct --bundle DIR --betas FILE --out DIR [--backend ort-cpu]
         [--batch-size N] [--samples K] [--seed S] [--threads T] [--fp16] [--overwrite]
+        [--ray [ADDRESS] [--actors N] [--actor-cpus C] [--actor-gpus G]]
 
 Input: ``.npy`` (betas (n, V) only; one item per row, the bundle must have one session)
 or ``.npz`` / ``.h5`` with ``betas`` and optional ``session`` (n,) and ``group`` (n,)
@@ -10,6 +11,8 @@ Output: ``item{i:04d}_s{k}.png`` per (item, sample), then ``index.csv`` (item, g
 sample, file) and ``run.json``. Each PNG is written atomically as soon as its batch is
 done, so an interrupted run leaves only complete files; a folder that already holds
 results is refused unless ``--overwrite``. Exit codes: 0 ok, 1 bad input, 2 usage.
+``--ray`` runs the generation on Ray Data actors (runtime/ray_batch.py, the ``ray`` extra;
+Ray is imported only then), with the same inputs, checks and byte-identical outputs.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -26,7 +31,7 @@ from PIL import Image
 
 from brainldm.runtime.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 from brainldm.runtime.backends import BACKENDS
-from brainldm.runtime.reconstructor import Reconstructor, to_uint8
+from brainldm.runtime.reconstructor import Decoded, Reconstructor, to_uint8
 
 INPUT_KEYS = ("betas", "session", "group")
 RESULT_PATTERNS = ("item*_s*.png", "index.csv", "run.json")
@@ -75,24 +80,55 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_reconstruct(args: argparse.Namespace) -> Path:
-    """The `reconstruct` command; returns the output folder."""
+@dataclass(frozen=True)
+class Prepared:
+    """A validated run: the reconstructor, its decoded items, the samples per item and the noise seed."""
+
+    rec: Reconstructor
+    decoded: Decoded
+    samples: int
+    seed: int
+    grouped: bool
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Read and check every input (betas file, bundle, backend) and decode the betas into latents."""
     data = read_input(Path(args.betas))
     rec = Reconstructor(args.bundle, backend=args.backend, threads=args.threads, fp16=args.fp16)
     samples = int(rec.generation["samples"] if args.samples is None else args.samples)
     seed = int(rec.generation["seed"] if args.seed is None else args.seed)
     decoded = rec.decode(data["betas"], data["session"], data["group"], args.batch_size)
-    out = Path(args.out)
-    check_out_dir(out, args.overwrite)
-    rows = write_pngs(rec, decoded, samples, seed, args.batch_size, out)
+    return Prepared(rec, decoded, samples, seed, data["group"] is not None)
+
+
+def write_index(args: argparse.Namespace, run: Prepared, rows: list[tuple], out: Path) -> None:
+    """``index.csv`` (rows of item, group id, sample, file) then ``run.json``, each atomically."""
     with atomic_path(out / "index.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["item", "group", "sample", "file"])
         writer.writerows(rows)
     run_info = {"bundle": str(args.bundle), "betas": str(args.betas), "backend": args.backend, "fp16": args.fp16,
-                "samples": samples, "seed": seed, "n_items": len(decoded.ids), "grouped": data["group"] is not None}
+                "samples": run.samples, "seed": run.seed, "n_items": len(run.decoded.ids), "grouped": run.grouped}
     write_text_atomic(out / "run.json", json.dumps(run_info, indent=2, sort_keys=True))
+
+
+def run_reconstruct(args: argparse.Namespace) -> Path:
+    """The `reconstruct` command; returns the output folder."""
+    if args.ray is not None:
+        from brainldm.runtime import ray_batch  # imports Ray lazily: only --ray needs the extra
+
+        return ray_batch.run_ray(args)
+    run = prepare(args)
+    out = Path(args.out)
+    check_out_dir(out, args.overwrite)
+    rows = write_pngs(run.rec, run.decoded, run.samples, run.seed, args.batch_size, out)
+    write_index(args, run, rows, out)
     return out
+
+
+def png_name(item: int, sample: int) -> str:
+    """The output file of one (item, sample)."""
+    return f"item{item:04d}_s{sample}.png"
 
 
 def write_pngs(rec: Reconstructor, decoded, samples: int, seed: int, batch_size: int, out: Path) -> list[tuple]:
@@ -106,7 +142,7 @@ def write_pngs(rec: Reconstructor, decoded, samples: int, seed: int, batch_size:
         for items, sample_idx, images in rec.iter_batches(decoded, samples, seed, batch_size=batch_size,
                                                           progress=True):
             for i, s, image in zip(items, sample_idx, to_uint8(images)):
-                name = f"item{i:04d}_s{s}.png"
+                name = png_name(i, s)
                 write_bytes_atomic(out / name, png_bytes(image))
                 rows.append((int(i), int(decoded.ids[i]), int(s), name))
     except Exception as exc:  # onnxruntime's errors derive from Exception only; KeyboardInterrupt passes
@@ -135,7 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU threads (0 = all cores); ort-cpu splits each batch over them")
     rec.add_argument("--fp16", action="store_true", help="ONNX backends: use the bundle's fp16 UNet/VAE graphs")
     rec.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    _add_ray_options(rec)
     return parser
+
+
+RAY_LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
+RAY_ONLY_OPTIONS = ("actors", "actor_cpus", "actor_gpus")
+
+
+def _add_ray_options(rec: argparse.ArgumentParser) -> None:
+    ray = rec.add_argument_group("distributed (Ray Data; needs the ray extra)")
+    ray.add_argument("--ray", nargs="?", const=RAY_LOCAL, default=None, metavar="ADDRESS",
+                     help="generate on Ray actors: no ADDRESS starts a local Ray instance, "
+                          "'auto' or host:port connects to a running cluster")
+    ray.add_argument("--actors", type=_positive, default=None,
+                     help="actors, each holding one loaded bundle (default: as many as the cluster's resources fit)")
+    ray.add_argument("--actor-cpus", type=_positive_float, default=None,
+                     help="CPUs reserved per actor (default 1); --threads 0 then means this many threads")
+    ray.add_argument("--actor-gpus", type=_non_negative_float, default=None,
+                     help="GPUs reserved per actor (default 0; 1 with --backend ort-cuda)")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -146,7 +214,10 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ray is None and any(getattr(args, name) is not None for name in RAY_ONLY_OPTIONS):
+        parser.error("--actors, --actor-cpus and --actor-gpus need --ray")
     try:
         out = run_reconstruct(args)
     except (ValueError, FileNotFoundError, BatchFailedError) as exc:
@@ -157,4 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m`: run the importable module's main, whose error classes are the ones ray_batch raises
+    from brainldm.runtime.cli import main as importable_main
+
+    sys.exit(importable_main())

@@ -23,5 +23,5 @@ pip_install() {
 }
 pip_install --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
 # torch is pinned to 2.13.0 (the CPU build); the constraints file pins everything else.
-pip_install -c requirements/constraints.txt -e ".[train,dev]"
+pip_install -c requirements/constraints.txt -e ".[train,dev,ray]"
 echo "$wanted" > "$stamp"
