@@ -138,3 +138,25 @@ def test_a_change_to_a_module_the_ldm_imports_never_retrains_it(tiny_repo):
     assert not (tiny_repo / "models" / "ldm").exists()
     _run([*dvc, "checkout", "-q", "models/ldm"], tiny_repo)
     assert "up to date" in _run([*dvc, "status"], tiny_repo)
+
+
+# Stages whose outputs once varied between processes (threads, hash-ordered metadata, text
+# encoder states): each is re-run alone in a new process and must write what dvc.lock recorded.
+FRESH_PROCESS_STAGES = ("targets@sim-nsd", "attribute_classifier", "fit@sim-nsd-cnn-c", "fit@sim-nsd-gcn-z")
+
+
+def _recorded_outs(repo: Path, stage: str) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return {out["path"]: out["md5"] for out in lock["outs"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", FRESH_PROCESS_STAGES)
+def test_a_stage_rerun_in_a_fresh_process_writes_what_dvc_lock_records(tiny_repo, stage):
+    _run([sys.executable, "-m", "dvc", "repro"], tiny_repo)
+    recorded = _recorded_outs(tiny_repo, stage)
+    assert recorded, stage
+    # --force: run the command even though nothing changed; dvc then re-hashes what it wrote.
+    rerun = _run([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", stage], tiny_repo)
+    assert _stages_run(rerun) == {stage}
+    assert _recorded_outs(tiny_repo, stage) == recorded
