@@ -15,8 +15,11 @@ scripts/setup_env.sh .venv
 scratch="${1:-$(mktemp -d -t brainldm-mutation.XXXXXX)}"
 shift $(( $# > 0 ? 1 : 0 ))
 mkdir -p "$scratch/src/brainldm"
-# the working tree as git sees it (tracked and untracked, not ignored), packages moved under src/
-git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$scratch"
+# the working tree as git sees it (tracked and untracked, not ignored), without the pipeline's
+# outputs (the tests do not read them, and a running `dvc repro` rewrites them); packages
+# moved under src/
+git ls-files -co --exclude-standard -z -- . ':!results' ':!REPORT.md' \
+    | tar --null -T - -cf - | tar -xf - -C "$scratch"
 for package in train export runtime; do
     rm -rf "$scratch/src/brainldm/$package"
     mv "$scratch/$package" "$scratch/src/brainldm/$package"
