@@ -334,8 +334,10 @@ def read_manifest(root: Path) -> Manifest:
         raise BundleError(f"{root} is not a bundle: it has no {MANIFEST}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid UTF-8 JSON ({exc})") from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     try:
         return parse_manifest(data)
     except BundleError as exc:

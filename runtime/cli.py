@@ -10,7 +10,7 @@ or ``.npz`` / ``.h5`` with ``betas`` and optional ``session`` (n,) and ``group``
 Output: ``item{i:04d}_s{k}.png`` per (item, sample), then ``index.csv`` (item, group id,
 sample, file) and ``run.json``. Each PNG is written atomically as soon as its batch is
 done, so an interrupted run leaves only complete files; a folder that already holds
-results is refused unless ``--overwrite``. Exit codes: 0 ok, 1 bad input, 2 usage.
+results is refused unless ``--overwrite``. Exit codes: 0 ok, 1 bad input, 2 usage, 130 interrupted.
 ``--ray`` runs the generation on Ray Data actors (runtime/ray_batch.py, the ``ray`` extra;
 Ray is imported only then), with the same inputs, checks and byte-identical outputs.
 """
@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +70,33 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def check_out_path(out: Path, bundle: Path) -> None:
+    """Refuse an ``out`` that cannot become a results folder, before any work and without creating it."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder (new, or one to add results to)")
+    resolved, bundle = out.resolve(), Path(bundle).resolve()
+    if resolved == bundle or bundle in resolved.parents:
+        raise ValueError(f"--out {out} is inside the bundle {bundle}; expected a folder outside it "
+                         "(the bundle's files are hashed in its manifest)")
+    ancestor = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out}: {ancestor} is a file, so no folder can be made below it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: no permission to write in {ancestor}; expected a writable folder")
+
+
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a folder holding results (unless overwrite, which removes just those files)."""
     existing = [p for pattern in RESULT_PATTERNS for p in out.glob(pattern)] if out.is_dir() else []
     if existing and not overwrite:
         raise ValueError(f"output folder {out} already holds results ({len(existing)} files, e.g. {existing[0].name}); "
                          "pass --overwrite to replace them or choose another --out")
-    for p in existing:
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for p in existing:
+            p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot prepare the output folder ({exc.strerror or exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -92,7 +111,8 @@ class Prepared:
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
-    """Read and check every input (betas file, bundle, backend) and decode the betas into latents."""
+    """Read and check every input (output path, betas file, bundle, backend); decode the betas into latents."""
+    check_out_path(Path(args.out), Path(args.bundle))
     data = read_input(Path(args.betas))
     rec = Reconstructor(args.bundle, backend=args.backend, threads=args.threads, fp16=args.fp16)
     samples = int(rec.generation["samples"] if args.samples is None else args.samples)
@@ -166,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
     rec.add_argument("--batch-size", type=_positive, default=8, help="(item, sample) pairs per UNet batch")
     rec.add_argument("--samples", type=_positive, default=None, help="samples per item (default: the bundle's)")
-    rec.add_argument("--seed", type=int, default=None, help="noise seed (default: the bundle's)")
-    rec.add_argument("--threads", type=int, default=0,
+    rec.add_argument("--seed", type=_non_negative, default=None, help="noise seed (default: the bundle's)")
+    rec.add_argument("--threads", type=_non_negative, default=0,
                      help="CPU threads (0 = all cores); ort-cpu splits each batch over them")
     rec.add_argument("--fp16", action="store_true", help="ONNX backends: use the bundle's fp16 UNet/VAE graphs")
     rec.add_argument("--overwrite", action="store_true", help="replace results already in --out")
@@ -175,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BAD_INPUT = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a run ended by SIGINT (128 + 2)
 RAY_LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
 RAY_ONLY_OPTIONS = ("actors", "actor_cpus", "actor_gpus")
 
@@ -213,6 +235,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -222,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         out = run_reconstruct(args)
     except (ValueError, FileNotFoundError, BatchFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"interrupted: the PNGs already in {args.out} are complete; no index.csv was written",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"wrote {out}")
     return 0
 

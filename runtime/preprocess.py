@@ -21,15 +21,27 @@ class InputError(ValueError):
     """Bad runtime input (shape, values, sessions, groups)."""
 
 
+# A z-scored trial's root-mean-square over voxels is about 1 (its session's statistics make
+# it 1 on average over the training trials) and a few at most for a noisy trial. Betas in
+# another unit are far beyond: NSD's int16 files hold percent signal change x 300, raw BOLD
+# is in the hundreds to thousands. 50 lies between the two.
+MAX_TRIAL_RMS_Z = 50.0
+NSD_INT16_SCALE = 300  # NSD stores betas as int16 percent signal change x 300
+
+
 def check_betas(betas: np.ndarray, n_voxels: int) -> np.ndarray:
-    """Validate raw ``betas (n, n_voxels)`` (finite, non-empty); returns them as float32."""
+    """Validate raw ``betas (n, n_voxels)`` (float, finite, non-empty); returns them as float32."""
     betas = np.asarray(betas)
     if betas.ndim != 2 or betas.shape[1] != n_voxels:
         raise InputError(f"betas have shape {betas.shape}; expected (n_trials, {n_voxels}) with columns in the "
                          "bundle's voxel_ids order (arrays/voxel_ids.npy)")
     if betas.shape[0] == 0:
         raise InputError("betas are empty (0 trials); expected at least one row")
-    if not np.issubdtype(betas.dtype, np.number):
+    if betas.dtype.kind in "iu":
+        raise InputError(f"betas have integer dtype {betas.dtype}; expected float responses in percent signal "
+                         f"change, the unit of the bundle's statistics (NSD's int16 betas: divide by "
+                         f"{NSD_INT16_SCALE} first)")
+    if betas.dtype.kind != "f":
         raise InputError(f"betas have dtype {betas.dtype}; expected a float array")
     betas = betas.astype(np.float32, copy=False)
     bad = ~np.isfinite(betas)
@@ -38,6 +50,17 @@ def check_betas(betas: np.ndarray, n_voxels: int) -> np.ndarray:
         raise InputError(f"betas contain {int(bad.sum())} NaN/Inf values (rows {rows[:5].tolist()}...); "
                          "expected finite responses")
     return betas
+
+
+def check_scale(z: np.ndarray) -> None:
+    """Refuse z-scored trials ``z (n, V)`` whose size no response has: betas in another unit."""
+    rms = np.sqrt(np.mean(np.square(z, dtype=np.float64), axis=1))
+    rows = np.flatnonzero(rms > MAX_TRIAL_RMS_Z)
+    if len(rows):
+        raise InputError(f"betas are not on the scale of the bundle's statistics: {len(rows)} of {len(z)} trials "
+                         f"z-score to a root-mean-square of up to {rms.max():.3g} (rows {rows[:5].tolist()}...); "
+                         f"expected about 1 and at most {MAX_TRIAL_RMS_Z:g}: pass percent signal change "
+                         f"(NSD's int16 betas divided by {NSD_INT16_SCALE})")
 
 
 def session_rows(session: np.ndarray | int | None, n: int, sessions: np.ndarray) -> np.ndarray:
@@ -98,7 +121,9 @@ def preprocess(betas: np.ndarray, session, group, bundle) -> tuple[np.ndarray, d
     betas = check_betas(betas, len(bundle.voxel_ids))
     rows = session_rows(session, len(betas), bundle.sessions)
     ids, members = group_items(group, len(betas))
-    x = average(zscore(betas, rows, bundle.mean, bundle.std), members)
+    z = zscore(betas, rows, bundle.mean, bundle.std)
+    check_scale(z)
+    x = average(z, members)
     return ids, {key: np.ascontiguousarray(x[:, cols]) for key, cols in bundle.columns.items()}
 
 

@@ -148,9 +148,13 @@ class Reconstructor:
             raise ValueError(f"samples={samples} and batch_size={batch_size}; expected both >= 1")
         items, sample_idx = np.divmod(np.arange(len(decoded.ids) * samples), samples)
         starts = range(0, len(items), batch_size)
-        for start in tqdm(starts, desc="reconstruct", unit="batch", disable=not progress):
-            it, sa = items[start:start + batch_size], sample_idx[start:start + batch_size]
-            yield it, sa, self.generate(decoded.z[it], decoded.c[it], it, sa, seed, noise)
+        # a context, not a wrapped iterator: a failing or interrupted batch closes the bar at once,
+        # before the caller prints its message (a wrapped iterator closes only when collected)
+        with tqdm(total=len(starts), desc="reconstruct", unit="batch", disable=not progress) as bar:
+            for start in starts:
+                it, sa = items[start:start + batch_size], sample_idx[start:start + batch_size]
+                yield it, sa, self.generate(decoded.z[it], decoded.c[it], it, sa, seed, noise)
+                bar.update()
 
     def reconstruct_float(self, betas: np.ndarray, session=None, group=None, samples: int | None = None,
                           seed: int | None = None, noise: dict | None = None, batch_size: int = 8) -> np.ndarray:
