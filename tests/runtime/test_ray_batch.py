@@ -145,8 +145,8 @@ def test_interrupted_driver_leaves_only_complete_pngs_and_no_index(ray_local, bu
 
     monkeypatch.setattr(ray.data.Dataset, "iter_batches", interrupt_after_first_batch)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(_args(bundle_dir, betas, out, "--ray", "--actors", "2", "--batch-size", "1"))
+    assert cli.main(_args(bundle_dir, betas, out, "--ray", "--actors", "2", "--batch-size", "1")) \
+        == cli.EXIT_INTERRUPTED
     pngs = sorted(out.glob("*.png"))
     assert 1 <= len(pngs) <= N_IMAGES
     assert not (out / "index.csv").exists() and not (out / "run.json").exists()
