@@ -49,7 +49,11 @@ def torch_components() -> dict[str, str]:
                     "torch.exp": _h(torch.exp(a)), "torch.sum": _h(a.sum(0)),
                     "torch.bmm": _h(a.view(4, 16, 256) @ a.view(4, 256, 16)),
                     "torch.attention": _h(torch.nn.functional.scaled_dot_product_attention(heads, heads, heads)),
-                    "torch.groupnorm": _h(norm(conv(image)))})
+                    "torch.groupnorm": _h(norm(conv(image))),
+                    # torch's float32 sqrt is within 1 ulp, not correctly rounded, and which of
+                    # the two neighbours it returns depends on the processor: AdamW's denominator
+                    # and the DDIM scheduler's sqrt(alpha_bar) go through it
+                    "torch.sqrt": _h(torch.sqrt(a.abs())), "torch.adamw": _h(_adamw_steps(a))})
     features = conv(image)
     out["torch.conv"] = _h(features.detach())
     (features ** 2).mean().backward()
@@ -57,6 +61,18 @@ def torch_components() -> dict[str, str]:
     out.update({"torch.conv.grad_weight": _h(conv.weight.grad), "torch.conv.grad_input": _h(image.grad),
                 "torch.linear.grad_weight": _h(linear.weight.grad)})
     return out
+
+
+def _adamw_steps(a):
+    """Two AdamW steps (the decoders' optimiser) on a copy of ``a`` with gradient ``a / 1000``."""
+    import torch
+
+    param = torch.nn.Parameter(a.clone())
+    optimiser = torch.optim.AdamW([param], lr=2e-3, weight_decay=1e-4)
+    for _ in range(2):
+        param.grad = a / 1000
+        optimiser.step()
+    return param.detach()
 
 
 def onnxruntime_component(rng: np.random.Generator) -> dict[str, str]:

@@ -108,7 +108,8 @@ def _labels(attrs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def _train_epochs(model: AttributeNet, x: torch.Tensor, y: dict[str, torch.Tensor], cfg: AttributeClassifierConfig) -> list[float]:
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # fused: the same bits on every processor compared (see fit.train_network)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     steps = cfg.epochs * -(-len(x) // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.learning_rate, total_steps=steps)
     losses = []

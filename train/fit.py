@@ -237,7 +237,9 @@ def train_network(data: FitData, entry: DecoderConfig) -> tuple[torch.nn.Module,
     generator = torch.Generator().manual_seed(entry.seed)
     model = build_decoder(data.spec, *(data.graph or ()))
     opt = entry.optim
-    optimiser = torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    # fused: its kernel's square root gives the same bits on every processor compared; the
+    # per-tensor path's torch.sqrt does not (docs/reproducibility.md)
+    optimiser = torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, fused=True)
     best_loss, best_state, since_best, history = float("inf"), copy.deepcopy(model.state_dict()), 0, []
     for epoch in (bar := tqdm(range(1, opt.max_epochs + 1), desc=f"fit {data.spec.kind}")):
         train_loss = _train_epoch(model, optimiser, data, opt.batch_size, generator, data.spec.arch)

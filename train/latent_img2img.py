@@ -9,10 +9,27 @@ image. This subclass compares with the VAE's own ``latent_channels`` instead; fo
 """
 from __future__ import annotations
 
+import numpy as np
+import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 SD_LATENT_CHANNELS = 4  # the value diffusers' img2img hard-codes
+
+
+def add_noise(scheduler, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps: diffusers' ``add_noise``, its float32
+    operations in its order, with correctly rounded square roots.
+
+    original, noise: (B, C, h, w) float32; timesteps: (B,) or () ints. torch's float32 sqrt
+    is within 1 ulp but not correctly rounded, and which neighbour it returns depends on the
+    processor (docs/reproducibility.md); numpy's is correctly rounded, as the runtime's DDIM.
+    """
+    abar = scheduler.alphas_cumprod.to(torch.float32).numpy()[np.atleast_1d(timesteps.cpu().numpy())]
+    shape = (-1,) + (1,) * (original.ndim - 1)
+    sqrt_abar = torch.from_numpy(np.sqrt(abar)).reshape(shape)
+    sqrt_one_minus_abar = torch.from_numpy(np.sqrt(np.float32(1) - abar)).reshape(shape)
+    return sqrt_abar * original + sqrt_one_minus_abar * noise
 
 
 class LatentImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
@@ -36,4 +53,4 @@ class LatentImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
                              "pass one latent per prompt")
         init_latents = image.to(device=device, dtype=dtype)
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
-        return self.scheduler.add_noise(init_latents, noise, timestep)
+        return add_noise(self.scheduler, init_latents, noise, timestep)

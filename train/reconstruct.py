@@ -31,7 +31,7 @@ from tqdm import tqdm
 from brainldm.runtime.atomic import atomic_path
 from brainldm.runtime.generation import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise, to_uint8
 from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
-from brainldm.train.latent_img2img import LatentImg2ImgPipeline
+from brainldm.train.latent_img2img import LatentImg2ImgPipeline, add_noise
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class GivenNoiseImg2ImgPipeline(LatentImg2ImgPipeline):
             )
         init_latents = image.to(device=device, dtype=dtype)
         noise = self.given_noise.to(device=device, dtype=dtype)
-        return self.scheduler.add_noise(init_latents, noise, timestep)
+        return add_noise(self.scheduler, init_latents, noise, timestep)
 
 
 def load_reference_pipeline(model_path: str | Path) -> GivenNoiseImg2ImgPipeline:

@@ -93,3 +93,24 @@ def test_bad_inputs_give_clear_errors_and_no_output(tmp_path, model_dir):
     with pytest.raises(rc.ConfigError, match="unknown pair"):
         rc.run(_config(tmp_path, model_dir), "ds", "nope")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_forward_diffusion_is_the_runtimes_bit_for_bit():
+    """The reference's add_noise takes correctly rounded square roots (numpy's), so it equals the
+    lean runtime's numpy DDIM exactly; diffusers' own (torch.sqrt) only within one ulp."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from brainldm.runtime.ddim import DDIMScheduler as NumpyDDIM
+    from brainldm.train.latent_img2img import add_noise
+
+    torch_scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    numpy_scheduler = NumpyDDIM.from_config(dict(torch_scheduler.config))
+    numpy_scheduler.set_alphas_cumprod(torch_scheduler.alphas_cumprod.numpy())
+    rng = np.random.default_rng(0)
+    x0, eps = (rng.standard_normal((64, 4, 8, 8)).astype(np.float32) for _ in range(2))
+    t = rng.integers(0, 1000, 64)
+    ours = add_noise(torch_scheduler, torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()
+    np.testing.assert_array_equal(ours, numpy_scheduler.add_noise(x0, eps, t))
+    theirs = torch_scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
