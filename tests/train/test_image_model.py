@@ -10,6 +10,7 @@ import torch
 
 from brainldm.train import image_model
 from brainldm.train.image_model import ImageModelError, load_image_model
+from brainldm.train.latent_img2img import add_noise
 from brainldm.train.tokenizer import build_tokenizer
 from brainldm.train.train_ldm import TextConfig, TrainLdmConfig, UnetConfig, VaeConfig, build_models, save_pipeline
 
@@ -86,9 +87,10 @@ def test_latents_of_a_16_channel_vae_are_taken_as_latents(tmp_path):
     pipe.scheduler.set_timesteps(10)
     timestep = pipe.scheduler.timesteps[2:3]  # strength 0.8 of 10 steps starts at the 3rd
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
-    expected = pipe.scheduler.add_noise(z, eps, timestep)
     got = pipe.prepare_latents(z, timestep, 2, 1, torch.float32, "cpu", torch.Generator().manual_seed(3))
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # diffusers' formula, with correctly rounded roots (latent_img2img.add_noise) instead of torch.sqrt's
+    torch.testing.assert_close(got, add_noise(pipe.scheduler, z, eps, timestep), rtol=0, atol=0)
+    torch.testing.assert_close(got, pipe.scheduler.add_noise(z, eps, timestep), rtol=0, atol=1e-6)
     plain = StableDiffusionImg2ImgPipeline(**pipe.components)
     with pytest.raises(RuntimeError):  # diffusers treats them as an image (resize, encode): why the subclass exists
         plain(image=z, generator=torch.Generator().manual_seed(3), **kwargs)
