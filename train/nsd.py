@@ -23,6 +23,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
+from brainldm.runtime.preprocess import NSD_INT16_SCALE
 from brainldm.train.prepare import DatasetConfig, RawData
 
 EXPDESIGN = "nsddata/experiments/nsd/nsd_expdesign.mat"
@@ -35,7 +36,6 @@ CAPTIONS = "nsddata_stimuli/stimuli/nsd/annotations/captions_{split}.json"
 BETAS_DIR = "nsddata_betas/ppdata/{subj}/func1pt8mm/betas_fithrf_GLMdenoise_RR"
 BETAS_NAME = {"hdf5": "betas_session{:02d}.hdf5", "nifti": "betas_session{:02d}.nii.gz"}
 BETAS_PATTERN = {"hdf5": r"betas_session(\d+)\.hdf5$", "nifti": r"betas_session(\d+)\.nii\.gz$"}
-BETA_SCALE = 300.0  # betas are stored as percent signal change x 300
 TRIAL_CHUNK = 64  # HDF5 trials read at once: bounds memory per read
 IMAGE_CHUNK = 256
 
@@ -210,7 +210,7 @@ def read_session(path: Path, fmt: str, voxel_ids: np.ndarray, grid: tuple) -> np
     else:
         volume = np.asarray(nib.load(path).dataobj)
         selected = volume[x, y, z, :].T
-    out = selected.astype(np.float32) / np.float32(BETA_SCALE)
+    out = selected.astype(np.float32) / np.float32(NSD_INT16_SCALE)
     if not np.all(np.isfinite(out)):
         raise ValueError(f"{path}: {int((~np.isfinite(out)).sum())} non-finite betas in the selected voxels")
     return out

@@ -22,13 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
+from brainldm.runtime.preprocess import NSD_INT16_SCALE
 from brainldm.train import encoding, scenes
 from brainldm.train import sim_formats as fmt
 from brainldm.train.config import config_to_dict, load_config, run_stage
 from brainldm.train.sim_design import NsdDesign, nsd_design, nsd_repeats, runs_and_trials, repeats_of_test_images, things_design
 
 NSD_AREAS = ("V1", "V2", "V3", "hV4", "mid", "high")  # keys of NsdSimConfig.roi_voxels, in layout order
-NSD_BETA_SCALE = 300  # NSD stores percent signal change x 300 as int16
 NSD_BETAS_DIR = "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
 VAL_SPLIT_FRACTION = 0.05  # share of COCO ids in val2017
 COCO_ID_RANGE = 600_000
@@ -206,7 +206,7 @@ def _write_nsd_betas(root: Path, betas: np.ndarray, mask: np.ndarray, per_sessio
     """betas_sessionNN.hdf5 (T_s, Z, Y, X) or .nii.gz (X, Y, Z, T_s), int16 percent x 300, 0 outside brain."""
     outdir = root / NSD_BETAS_DIR
     outdir.mkdir(parents=True)
-    scaled = np.clip(np.rint(betas * NSD_BETA_SCALE), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+    scaled = np.clip(np.rint(betas * NSD_INT16_SCALE), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
     affine = fmt.grid_affine(tuple(c.grid), c.voxel_size_mm)
     start = 0
     for s, n in enumerate(tqdm(per_session, desc="sim-nsd betas", leave=False), start=1):
