@@ -46,28 +46,38 @@ def tiny_bundle(root: Path, steps: int) -> Path:
     return build_bundle(ecfg, dataclasses.replace(rc, steps=steps), DATASET, PAIR)
 
 
+def save_random_model(folder: Path, vae, unet) -> Path:
+    """Save (vae, unet) as a diffusers SD v1 folder with SD v1.4's scheduler and a small random text
+    encoder of the UNet's cross-attention width: it is never run (c comes from the decoders), it only
+    completes the layout that load_image_model reads."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from tests.tiny_models import _tiny_tokenizer
+
+    width = int(unet.config.cross_attention_dim)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=SD_TEXT_SHAPE[0]))
+    StableDiffusionImg2ImgPipeline(
+        vae=vae, text_encoder=text, tokenizer=_tiny_tokenizer(CLIPTokenizer), unet=unet,
+        scheduler=DDIMScheduler(**SD14_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def random_bundle(root: Path, name: str, vae, unet, steps: int, **export_overrides) -> Path:
     """Save (vae, unet) with random weights as a diffusers folder, add linear decoders, a one-session
     prepared file and targets, and export the pair (name, name) of dataset "bench"."""
     import h5py
     import numpy as np
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from brainldm.export.export import ExportConfig, build_bundle
     from brainldm.train import decoders
     from brainldm.train.reconstruct import PairConfig, ReconstructConfig
-    from tests.tiny_models import _tiny_tokenizer
 
     width = int(unet.config.cross_attention_dim)
-    # the text encoder is never run (c comes from the decoders); it only completes the folder layout
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=width, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=SD_TEXT_SHAPE[0]))
-    StableDiffusionImg2ImgPipeline(
-        vae=vae, text_encoder=text, tokenizer=_tiny_tokenizer(CLIPTokenizer), unet=unet,
-        scheduler=DDIMScheduler(**SD14_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False).save_pretrained(root / name, safe_serialization=True)
+    save_random_model(root / name, vae, unet)
     side = int(unet.config.sample_size)
     for key, shape in {"z": (4, side, side), "c": (SD_TEXT_SHAPE[0], width)}.items():
         spec = decoders.DecoderSpec("ridge", key, shape, ("A",), (GPU_N_VOXELS,), {})

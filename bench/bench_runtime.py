@@ -138,13 +138,13 @@ def worker_reference(args) -> dict:
     import torch
 
     from brainldm.train import decoders
-    from brainldm.train.reconstruct import ReconstructConfig, reconstruct_batch
+    from brainldm.train.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
 
     torch.set_num_threads(max(args.threads, 1))
     manifest = read_manifest(Path(args.bundle))
     device = "cuda" if args.gpu else "cpu"
     dtype = torch.float16 if args.gpu else torch.float32
-    pipe = _reference_pipe(manifest.image_model.source, device, dtype)
+    pipe = load_reference_pipeline(manifest.image_model.source, device, dtype)
     models_dir = Path(manifest.config["export"]["models_dir"]) / manifest.dataset
     predictors = {k: decoders.load_checkpoint(models_dir / f"{d.name}.safetensors").predictor().to(device)
                   for k, d in manifest.decoders.items()}
@@ -167,10 +167,7 @@ def worker_reference(args) -> dict:
         def one():
             pred = {k: p(torch.from_numpy(np.ascontiguousarray(x[:, columns[k]])).to(device)).float().cpu().numpy()
                     for k, p in predictors.items()}
-            items = np.arange(batch)
-            if args.gpu:
-                return _reference_gpu(pipe, pred["z"], pred["c"], uncond, items, cfg)
-            return reconstruct_batch(pipe, pred["z"], pred["c"], uncond, items, np.zeros(batch, np.int64), cfg)
+            return reconstruct_batch(pipe, pred["z"], pred["c"], uncond, np.arange(batch), np.zeros(batch, np.int64), cfg)
 
         one()
         timers.seconds = dict.fromkeys(STAGES, 0.0)
@@ -181,46 +178,6 @@ def worker_reference(args) -> dict:
         if args.gpu:
             results[str(batch)]["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
     return results
-
-
-def _reference_pipe(model: str, device: str, dtype):
-    from diffusers import DDIMScheduler
-
-    from brainldm.train.image_model import load_image_model
-    from brainldm.train.reconstruct import GivenNoiseImg2ImgPipeline
-
-    base = load_image_model(model, device=device, dtype=dtype)
-    components = dict(base.components)
-    components["scheduler"] = DDIMScheduler.from_config(base.scheduler.config)
-    pipe = GivenNoiseImg2ImgPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _reference_gpu(pipe, z, c, uncond, items, cfg):
-    """reconstruct_batch's steps with tensors on the pipeline's device and dtype (fp16 on CUDA)."""
-    import numpy as np
-    import torch
-
-    from brainldm.runtime.generation import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise
-
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    shape = z.shape[1:]
-
-    def noise(stream):
-        return torch.from_numpy(np.stack([numpy_noise(cfg.seed, int(i), 0, stream, shape) for i in items])).to(
-            device, dtype)
-
-    scaling = pipe.vae.config.scaling_factor
-    image = pipe.vae.decode(torch.from_numpy(z).to(device, dtype) / scaling).sample.clamp(-1, 1)
-    posterior = pipe.vae.encode(image).latent_dist
-    latents = (posterior.mean + posterior.std * noise(NOISE_STREAM_POSTERIOR)) * scaling
-    pipe.given_noise = noise(NOISE_STREAM_DIFFUSION)
-    c_t = torch.from_numpy(c).to(device, dtype)
-    out = pipe(image=latents, prompt_embeds=c_t, negative_prompt_embeds=torch.from_numpy(uncond).to(device, dtype)
-               .expand_as(c_t).contiguous(), strength=cfg.strength, num_inference_steps=cfg.steps,
-               guidance_scale=cfg.guidance, eta=0.0, output_type="np")
-    return np.asarray(out.images, np.float32)
 
 
 def run_worker(side: str, args, extra: list[str]) -> dict:

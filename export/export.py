@@ -34,7 +34,7 @@ from brainldm.export import onnx_models, tensorrt_engines
 from brainldm.runtime import bundle_format as bf
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import decoders
-from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
+from brainldm.train.config import ConfigError, config_to_record, load_config, run_stage
 from brainldm.train.reconstruct import PairConfig, ReconstructConfig, load_reference_pipeline, native_resolution
 
 GRAPH_DTYPE = "float32"  # of every graph's main file (the fp16 variants are listed apart)
@@ -239,7 +239,7 @@ def build_bundle(cfg: ExportConfig, rc: ReconstructConfig, dataset: str, pair_na
         sides = (int(checkpoints["z"].spec.target_shape[-1]), resolution // int(pipe.vae_scale_factor))
         trt = tensorrt_engines.build_all(tmp, models, cfg.trt_batch_sizes, sides) if cfg.tensorrt else None
         files = {p.relative_to(tmp).as_posix(): bf.file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        config = {"export": config_to_dict(cfg), "reconstruct": config_to_dict(rc)}
+        config = {"export": config_to_record(cfg), "reconstruct": config_to_record(rc)}
         bf.write_manifest(tmp, _manifest(prepared, rc, pair_name, checkpoints, pipe, resolution, arrays,
                                          {"models": models, "tensorrt": trt, "files": files, "config": config}))
     # 5. The checks' numbers, beside the bundle (written after it, so they never describe another one).

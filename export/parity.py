@@ -10,12 +10,14 @@ latents after every DDIM step of the runtime's loop started from the reference's
 ``init_latent_max_abs``: torch's fp32 VAE decoder is itself up to ~4e-4 from float64 on
 out-of-distribution latents, ORT's ~3e-6) and final images end to end in [0, 1] (max abs
 1e-2); fp16 graphs and TensorRT backends are judged by image PSNR instead (``psnr_min``),
-as their per-step latents legitimately drift. The metrics JSON is written in any case; a
-failed check exits non-zero.
+as their per-step latents legitimately drift, and so is a reference run on CUDA or in half
+precision (``parity.device``, ``parity.dtype``: train/compute_options.py). The metrics JSON is
+written in any case; a failed check exits non-zero.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ from brainldm.runtime.bundle_format import DECODER_KEYS
 from brainldm.runtime.generation import to_uint8
 from brainldm.runtime.reconstructor import Reconstructor
 from brainldm.train import decode, decoders
-from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
+from brainldm.train.compute_options import stage_device_dtype
+from brainldm.train.config import ConfigError, config_to_record, execution_option, load_config, run_stage
 from brainldm.train.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
 
 GENERATION_KEYS = ("steps", "strength", "guidance", "encode_mode")
@@ -49,6 +52,8 @@ class ParityConfig:
     backend: str = "ort-cpu"
     fp16: bool = False  # ONNX backends: the bundle's fp16 UNet/VAE graphs
     threads: int = 1
+    device: str = execution_option("cpu")  # the reference side's: cpu | cuda | auto
+    dtype: str = execution_option("float32")  # the reference diffusion's; float16 / bfloat16 on CUDA only
     items: int = 4  # first test items compared (0 = all)
     samples: int = 2
     batch_size: int = 4
@@ -65,8 +70,13 @@ class ParityError(ValueError):
     """The runtime disagrees with the reference beyond the tolerances."""
 
 
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """A reference tensor as a float32 numpy copy (on CPU in float32: the same values, copied)."""
+    return x.detach().to("cpu", torch.float32).numpy().copy()
+
+
 class StepRecorder:
-    """Wraps a diffusers scheduler's ``step`` to keep every step's prev_sample (B, C, h, w)."""
+    """Wraps a diffusers scheduler's ``step`` to keep every step's prev_sample (B, C, h, w) float32."""
 
     def __init__(self, scheduler):
         self.steps: list[np.ndarray] = []
@@ -75,19 +85,19 @@ class StepRecorder:
 
     def __call__(self, *args, **kwargs):
         out = self._step(*args, **kwargs)
-        self.steps.append(out[0].numpy().copy())
+        self.steps.append(to_numpy(out[0]))
         return out
 
 
 def reference_predictions(cfg: ParityConfig, rc: ReconstructConfig, dataset: str, pair: str) -> dict[str, np.ndarray]:
-    """Torch decoders on the prepared test split: z (n, C, h, w), c (n, T, D), image_index (n,)."""
+    """Torch decoders on ``cfg.device`` on the prepared test split: z (n, C, h, w), c (n, T, D), image_index (n,)."""
     prepared = Path(cfg.prepared_dir) / f"{dataset}.h5"
     out = {}
     for key in DECODER_KEYS:
         name = getattr(rc.pairs[pair], key)
         checkpoint = decoders.load_checkpoint(Path(cfg.models_dir) / dataset / f"{name}.safetensors")
         x, image_index, _ = decode.load_inputs(prepared, "test", checkpoint.spec.input_rois)
-        out[key] = decode.predict(checkpoint, x, cfg.batch_size)
+        out[key] = decode.predict(checkpoint, x, cfg.batch_size, cfg.device)
         out["image_index"] = image_index
     return out
 
@@ -99,7 +109,7 @@ def read_raw_test(prepared: Path) -> dict[str, np.ndarray]:
 
 
 class InitRecorder:
-    """Wraps the pipeline's ``prepare_latents`` to keep the re-encoded init latents (B, C, h, w) it is given."""
+    """Wraps the pipeline's ``prepare_latents`` to keep the re-encoded init latents (B, C, h, w) float32 it is given."""
 
     def __init__(self, pipe):
         self.init: np.ndarray | None = None
@@ -107,7 +117,7 @@ class InitRecorder:
         pipe.prepare_latents = self
 
     def __call__(self, image, *args, **kwargs):
-        self.init = image.numpy().copy()
+        self.init = to_numpy(image)
         return self._prepare(image, *args, **kwargs)
 
 
@@ -185,8 +195,10 @@ def check_settings(rec: Reconstructor, rc: ReconstructConfig) -> None:
 
 
 def low_precision(cfg: ParityConfig) -> bool:
-    """fp16 graphs or TensorRT (fp16 engines / EP) cannot meet fp32 tolerances: they are judged by PSNR."""
-    return cfg.fp16 or cfg.backend in LOW_PRECISION_BACKENDS
+    """fp16 graphs or TensorRT (fp16 engines / EP) cannot meet fp32 tolerances, nor a reference on CUDA
+    (other kernels; cuDNN's TF32 convolutions) or in half precision: they are judged by PSNR.
+    ``cfg.device`` as run_parity resolves it ("auto" counts as CUDA)."""
+    return cfg.fp16 or cfg.backend in LOW_PRECISION_BACKENDS or cfg.device != "cpu" or cfg.dtype != "float32"
 
 
 def passes(metrics: dict, cfg: ParityConfig) -> bool:
@@ -201,6 +213,8 @@ def run_parity(cfg: ParityConfig, rc: ReconstructConfig, dataset: str, pair: str
     """Compare runtime and reference; returns the metrics dict (``passed`` says whether all tolerances hold)."""
     if pair not in rc.pairs:
         raise ConfigError(f"unknown pair '{pair}'; configured pairs (reconstruct.pairs): {sorted(rc.pairs)}")
+    device, dtype = stage_device_dtype("parity", cfg.device, cfg.dtype)
+    cfg = dataclasses.replace(cfg, device=device.type)  # "auto" resolved: what ran, in the metrics too
     # 1. Runtime predictions from raw trials; reference predictions from the prepared split.
     rec = Reconstructor(Path(cfg.bundles_dir) / f"{dataset}-{pair}", backend=cfg.backend, threads=cfg.threads,
                         fp16=cfg.fp16)
@@ -215,13 +229,13 @@ def run_parity(cfg: ParityConfig, rc: ReconstructConfig, dataset: str, pair: str
                "pred_z_max_abs": float(np.abs(decoded.z - ref["z"]).max()),
                "pred_c_max_abs": float(np.abs(decoded.c - ref["c"]).max())}
     # 2. Generation from each side's own predictions, with the same seeded noise.
-    pipe = load_reference_pipeline(rc.model)
+    pipe = load_reference_pipeline(rc.model, device, dtype)
     metrics.update(compare_generation(rec, pipe, ref, {"z": decoded.z, "c": decoded.c}, rc, cfg))
     metrics["passed"] = passes(metrics, cfg)
     metrics["tolerances"] = {"pred": cfg.pred_atol, "latent": cfg.latent_atol, "latent_rtol": cfg.latent_rtol,
                              "image": cfg.image_atol,
                              "psnr_min": cfg.psnr_min, "judged_by": "psnr" if low_precision(cfg) else "max_abs"}
-    metrics["config"] = {"parity": config_to_dict(cfg), "reconstruct": config_to_dict(rc)}
+    metrics["config"] = {"parity": config_to_record(cfg), "reconstruct": config_to_record(rc)}
     return metrics
 
 

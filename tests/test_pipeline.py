@@ -95,15 +95,21 @@ def tiny_repo(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_every_stage_runs_and_a_second_repro_does_nothing(tiny_repo):
     first = _run([sys.executable, "-m", "dvc", "repro"], tiny_repo)
+    pipeline = yaml.safe_load((tiny_repo / "params.yaml").read_text())["pipeline"]
+    assert "ceiling" in pipeline["reconstructions"] and "ceiling" not in pipeline["pairs"]
     expected = {"simulate", "attribute_classifier", "report"}
     for dataset in ("sim-nsd", "sim-things"):
         expected |= {f"prepare@{dataset}", f"targets@{dataset}", f"evaluate@{dataset}"}
         expected |= {f"fit@{dataset}-{d}" for d in TINY["pipeline"]["decoders"]}
         expected |= {f"decode@{dataset}-{d}" for d in TINY["pipeline"]["decoders"]}
-        expected |= {f"{s}@{dataset}-{p}" for s in ("reconstruct", "export", "parity") for p in ("baseline", "ours")}
+        expected |= {f"reconstruct@{dataset}-{p}" for p in pipeline["reconstructions"]}
+        expected |= {f"{s}@{dataset}-{p}" for s in ("export", "parity") for p in pipeline["pairs"]}
     assert _stages_run(first) == expected
     report = (tiny_repo / "REPORT.md").read_text()
     assert "Table 3" in report and "Table 4" in report and "| sim-nsd | ours |" in report
+    for row in ("ceiling: true z + true c", "floor: another test stimulus", "floor: mean training image",
+                "ours − baseline (paired)"):
+        assert f"| sim-nsd | {row} |" in report, row
     assert (tiny_repo / "results/evaluate/sim-nsd/grid.png").stat().st_size > 1000
     assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], tiny_repo)
     assert _stages_run(_run([sys.executable, "-m", "dvc", "repro"], tiny_repo)) == set()

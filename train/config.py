@@ -6,7 +6,8 @@ default never stands in for a key left out, except where the default means "none
 (``None``, an empty list or mapping: a block that does not apply). The defaults serve
 code and tests that build configs directly. Nested dataclasses, tuples and
 ``dict[str, Dataclass]`` fields are supported. The resolved config (``config_to_dict``) is saved inside every
-checkpoint, metrics file and bundle.
+checkpoint, metrics file and bundle; stages with execution options (``device``, ``dtype``) save
+``config_to_record``, which leaves those out at their CPU float32 defaults.
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 # What a stage reports as bad input (params, missing or malformed files) rather than a crash.
 STAGE_ERRORS = (ValueError, OSError, KeyError)
+
+
+# Field metadata key of execution options (execution_option, config_to_record).
+EXECUTION_OPTION = "brainldm_execution_option"
 
 
 class ConfigError(ValueError):
@@ -141,6 +146,23 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def execution_option(default: str) -> Any:
+    """A dataclass field saying where or in what precision a stage computes (``device``, ``dtype``),
+    not what: see :func:`config_to_record`."""
+    return dataclasses.field(default=default, metadata={EXECUTION_OPTION: True})
+
+
+def config_to_record(config: Any) -> dict[str, Any]:
+    """``config_to_dict`` as saved inside a stage's outputs: execution options left out where they hold
+    their default (CPU, float32), with which every output was made before they existed, so that the
+    options' arrival left those outputs' bytes, and DVC's hashes of them, as they were. Top level only."""
+    record = config_to_dict(config)
+    for f in dataclasses.fields(config):
+        if f.metadata.get(EXECUTION_OPTION) and getattr(config, f.name) == f.default:
+            del record[f.name]
+    return record
+
+
 def config_to_json(config: Any) -> str:
-    """The resolved config as a canonical JSON string (sorted keys)."""
-    return json.dumps(config_to_dict(config), sort_keys=True)
+    """The resolved config's record (:func:`config_to_record`) as a canonical JSON string (sorted keys)."""
+    return json.dumps(config_to_record(config), sort_keys=True)

@@ -11,6 +11,7 @@ metrics that ``fit`` reuses on the validation split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -24,17 +25,18 @@ from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import metrics
-from brainldm.train.config import config_to_json, load_config, run_stage
+from brainldm.train.config import config_to_json, execution_option, load_config, run_stage
 from brainldm.train.decoders import Checkpoint, load_checkpoint
+from brainldm.train.distributed import resolve_device
+# The readers live with the prepared/targets contract; fit imports them from here too.
+from brainldm.train.split_data import check_aligned, load_inputs, load_targets  # noqa: F401
 
-SPLITS = ("train", "val", "test")
-TARGET_KINDS = ("z", "c")
 IDENTIFICATION_CHANCE = 0.5
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """``decode`` params: folders, prediction batch size, CPU threads."""
+    """``decode`` params: folders, prediction batch size, CPU threads, torch device."""
 
     prepared_dir: str = "data/prepared"
     targets_dir: str = "data/targets"
@@ -42,72 +44,7 @@ class DecodeConfig:
     results_dir: str = "results/decode"
     batch_size: int = 256
     threads: int = 1
-
-
-def load_inputs(prepared: str | Path, split: str, rois: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Voxels of ``rois`` concatenated in that order for one split.
-
-    Returns ``x (n, V) float32`` (z-scored), ``image_index (n,) int64`` (rows of
-    ``images``) and the voxel count of each ROI. Raises on a missing file, unknown
-    split or ROI, or non-finite values.
-    """
-    prepared = Path(prepared)
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} unknown; expected one of {SPLITS}")
-    if not prepared.is_file():
-        raise FileNotFoundError(f"prepared dataset not found: {prepared} (run the prepare stage first)")
-    with h5py.File(prepared, "r") as f:
-        group = f[f"splits/{split}"]
-        available = sorted(group["rois"].keys())
-        unknown = [r for r in rois if r not in available]
-        if unknown or not rois:
-            raise ValueError(f"{prepared}: unknown input ROI(s) {unknown or list(rois)} for split {split}; "
-                             f"available: {available}")
-        blocks = [np.asarray(group[f"rois/{r}"], dtype=np.float32) for r in rois]
-        image_index = np.asarray(group["image_index"], dtype=np.int64)
-    for roi, block in zip(rois, blocks):
-        if block.ndim != 2 or block.shape[0] != len(image_index):
-            raise ValueError(f"{prepared}: splits/{split}/rois/{roi} has shape {block.shape}, "
-                             f"expected ({len(image_index)}, V_roi)")
-        if not np.isfinite(block).all():
-            raise ValueError(f"{prepared}: splits/{split}/rois/{roi} contains NaN/inf "
-                             f"({int((~np.isfinite(block)).sum())} values); expected finite z-scores")
-    return np.concatenate(blocks, axis=1), image_index, [b.shape[1] for b in blocks]
-
-
-def check_aligned(prepared: str | Path, targets: str | Path, target: str) -> None:
-    """Raise unless the targets file has one ``target`` row per image of the prepared file."""
-    with h5py.File(prepared, "r") as p, h5py.File(targets, "r") as t:
-        n_images = p["images"].shape[0]
-        if target in t and t[target].shape[0] != n_images:
-            raise ValueError(f"{targets}: {target} has {t[target].shape[0]} rows but {prepared} has {n_images} "
-                             "images; target rows must align with the prepared file's images (rerun targets)")
-
-
-def load_targets(targets: str | Path, target: str, image_index: np.ndarray) -> np.ndarray:
-    """Target rows for ``image_index``: ``z (n, C, h, w)`` or ``c (n, T, D)`` float32."""
-    targets = Path(targets)
-    if target not in TARGET_KINDS:
-        raise ValueError(f"target {target!r} unknown; expected one of {TARGET_KINDS}")
-    if not targets.is_file():
-        raise FileNotFoundError(f"targets file not found: {targets} (run the targets stage first)")
-    with h5py.File(targets, "r") as f:
-        if target not in f:
-            raise ValueError(f"{targets}: no dataset {target!r}; found {sorted(f.keys())}")
-        ds = f[target]
-        expected_ndim = 4 if target == "z" else 3
-        if ds.ndim != expected_ndim:
-            raise ValueError(f"{targets}: {target} has shape {ds.shape}; expected "
-                             f"{'(N, C, h, w)' if target == 'z' else '(N, T, D)'}")
-        if len(image_index) and (image_index.min() < 0 or image_index.max() >= ds.shape[0]):
-            raise ValueError(f"{targets}: {target} has {ds.shape[0]} rows but image_index reaches "
-                             f"{int(image_index.max())}; rows must align with the prepared file's images")
-        # h5py fancy indexing needs increasing unique rows
-        rows, inverse = np.unique(image_index, return_inverse=True)
-        values = np.asarray(ds[rows], dtype=np.float32)[inverse]
-    if not np.isfinite(values).all():
-        raise ValueError(f"{targets}: {target} contains NaN/inf in the requested rows")
-    return values
+    device: str = execution_option("cpu")  # cpu | cuda | auto (train/distributed.py: resolve_device)
 
 
 def stage1_metrics(real: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -132,23 +69,25 @@ def stage1_metrics(real: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     }
 
 
-def predict(checkpoint: Checkpoint, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """``x (n, V) float32 -> (n, *target_shape) float32`` in target units."""
+def predict(checkpoint: Checkpoint, x: np.ndarray, batch_size: int, device: str | torch.device = "cpu") -> np.ndarray:
+    """``x (n, V) float32 -> (n, *target_shape) float32`` in target units, computed on ``device`` (float32)."""
     if x.shape[1] != checkpoint.spec.n_voxels:
         raise ValueError(f"input has {x.shape[1]} voxels; the decoder was fitted on {checkpoint.spec.n_voxels} "
                          f"({dict(zip(checkpoint.spec.input_rois, checkpoint.spec.roi_sizes))})")
     if not np.isfinite(x).all():
         raise ValueError("input voxels contain NaN/inf; expected finite z-scores")
-    model = checkpoint.predictor()
+    model = checkpoint.predictor().to(device)  # on CPU: no-ops, the same module and tensors
     out = []
     with torch.no_grad():
         for start in tqdm(range(0, len(x), batch_size), desc="predict", leave=False):
-            out.append(model(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))).numpy())
+            batch = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(device)
+            out.append(model(batch).cpu().numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0,) + checkpoint.spec.target_shape, np.float32)
 
 
 def decode(config: DecodeConfig, dataset: str, decoder: str) -> dict:
     """Predict the test split with decoder ``decoder`` of ``dataset``; write the .h5 and .json; return metrics."""
+    config = dataclasses.replace(config, device=resolve_device(config.device, "decode.device").type)  # "auto" resolved
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -167,7 +106,7 @@ def _decode(config: DecodeConfig, dataset: str, decoder: str) -> dict:
         raise ValueError(f"{prepared}: ROI voxel counts {dict(zip(spec.input_rois, sizes))} differ from the "
                          f"fitted decoder's {dict(zip(spec.input_rois, spec.roi_sizes))}")
     # 2. predict and compare with the ground truth
-    pred = predict(checkpoint, x, config.batch_size)
+    pred = predict(checkpoint, x, config.batch_size, config.device)
     targets = Path(config.targets_dir) / f"{dataset}.h5"
     real = load_targets(targets, spec.target, image_index)
     check_aligned(prepared, targets, spec.target)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
 from brainldm.train import attribute_classifier, metrics
+from brainldm.train.floors import floor_images, paired_difference
 from brainldm.train.config import config_to_dict, load_config, run_stage
 # The registry lives with the extractors; re-exported here for existing callers.
 from brainldm.train.feature_extractors import (  # noqa: F401
@@ -47,7 +48,8 @@ class EvaluateError(ValueError):
 class EvaluateConfig:
     """Params section `evaluate`."""
 
-    pairs: tuple[str, ...] = ("baseline", "ours")
+    pairs: tuple[str, ...] = ("ceiling", "baseline", "ours")
+    differences: tuple[tuple[str, str], ...] = (("ours", "baseline"),)  # (a, b): per-image a - b, paired bootstrap
     prepared_dir: str = "data/prepared"
     reconstruct_dir: str = "results/reconstruct"
     out_dir: str = "results/evaluate"
@@ -272,6 +274,10 @@ def protocol(cfg: EvaluateConfig, prepared: Path, gt: np.ndarray, pairs: dict[st
         "classifier_space": "penultimate layer of the attribute classifier (trained on procedural scenes)",
         "attribute_agreement": "fraction of an image's samples whose predicted attribute equals the prediction "
                                "on the stimulus; chance = sum_c p(c)^2 over the stimuli's predicted classes",
+        "ceiling": "pair 'ceiling': the test images' true z and c through the same generator, noise and samples",
+        "floors": "shuffled_stimuli: each test image scored against another test stimulus (a seeded derangement); "
+                  "mean_train_image: against the pixel mean of the unique training stimuli; one sample each",
+        "differences": "a - b per test image, summarised like a metric: the bootstrap resamples images, so it is paired",
         "summary": f"mean over images, SEM (ddof 1), {cfg.ci_level:.0%} percentile bootstrap CI "
                    f"({cfg.n_boot} resamples, seed {cfg.seed}); undefined per-image scores are left out and counted",
     }
@@ -300,24 +306,31 @@ def run(cfg: EvaluateConfig, dataset: str) -> Path:
     gt, image_index = load_ground_truth(prepared)
     if len(gt) < 2:
         raise EvaluateError(f"{prepared}: {len(gt)} test images; identification needs at least 2")
+    if any(len(pair) != 2 for pair in cfg.differences):
+        raise EvaluateError(f"evaluate.differences: {list(map(list, cfg.differences))}; expected pairs of names [a, b]")
+    unknown = sorted({name for pair in cfg.differences for name in pair} - set(cfg.pairs))
+    if unknown:
+        raise EvaluateError(f"evaluate.differences: pair(s) {unknown} are not in evaluate.pairs {list(cfg.pairs)}")
     pairs = {name: load_pair(Path(cfg.reconstruct_dir) / dataset / name, image_index) for name in cfg.pairs}
     # 2. Feature spaces, then per-image scores per pair.
     classifier = attribute_classifier.load_classifier(cfg.classifier)
     spaces, status = feature_spaces(cfg, classifier)
-    rows, summary = [], {}
-    for name, pair in pairs.items():
-        scores = score_pair(gt, pair.images, spaces, classifier)
-        summary[name] = summarise_scores(scores, cfg)
-        rows += [{"pair": name, "test_item": i, "image_index": int(image_index[i]),
-                  **{m: float(v[i]) for m, v in scores.items()}} for i in range(len(gt))]
-    # 3. Outputs: per-image table, summary with chance and protocol, figure.
+    scores = {name: score_pair(gt, pair.images, spaces, classifier) for name, pair in pairs.items()}
+    summary = {name: summarise_scores(values, cfg) for name, values in scores.items()}
+    # 3. Floors (no brain signal: computed from the stimuli themselves) and paired differences.
+    floors = {name: summarise_scores(score_pair(gt, images, spaces, classifier), cfg)
+              for name, images in floor_images(gt, prepared, cfg.seed).items()}
+    differences = {f"{a}-{b}": summarise_scores(paired_difference(scores[a], scores[b]), cfg) for a, b in cfg.differences}
+    # 4. Outputs: per-image table, summary with floors, chance and protocol, figure.
     out = Path(cfg.out_dir) / dataset
-    _write_per_image(out / "per_image.csv", rows)
-    chance = {"pixcorr": 0.0, "ssim": None, **{f"ident_{s}": IDENTIFICATION_CHANCE for s in spaces
-                                               if MINDEYE_SPACES.get(s, ("identification",))[0] == "identification"},
+    _write_per_image(out / "per_image.csv", [{"pair": name, "test_item": i, "image_index": int(image_index[i]),
+                                              **{m: float(v[i]) for m, v in values.items()}}
+                                             for name, values in scores.items() for i in range(len(gt))])
+    chance = {**{f"ident_{s}": IDENTIFICATION_CHANCE for s in spaces
+                 if MINDEYE_SPACES.get(s, ("identification",))[0] == "identification"},
               **attribute_chance(attribute_classifier.predict_attributes(classifier, gt))}
-    result = {"dataset": dataset, "pairs": summary, "chance": chance, "feature_spaces": status,
-              "protocol": protocol(cfg, prepared, gt, pairs), "config": config_to_dict(cfg)}
+    result = {"dataset": dataset, "pairs": summary, "floors": floors, "differences": differences, "chance": chance,
+              "feature_spaces": status, "protocol": protocol(cfg, prepared, gt, pairs), "config": config_to_dict(cfg)}
     write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True))
     figures.reconstruction_grid(gt, {name: p.images for name, p in pairs.items()}, out / "grid.png",
                                 n_items=cfg.grid_items, dpi=cfg.grid_dpi)

@@ -5,6 +5,8 @@
 ``models/decoders/<dataset>/<decoder>.safetensors`` (see ``decoders.save_checkpoint``),
 ``results/fit/<dataset>/<decoder>/loss.csv`` (per-epoch train/val loss, DVC plot) and
 ``results/fit/<dataset>/<decoder>/metrics.json`` (validation metrics).
+Under ``torchrun --nproc_per_node N`` the networks train with DDP (train/distributed.py,
+docs/scale-out-training.md) and rank 0 alone writes these files.
 
 No test data is read: targets are standardised per dimension with training
 statistics, early stopping watches the validation split, ridge picks alphas by
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,122 +33,14 @@ import torch.utils.deterministic
 from tqdm import tqdm
 
 from brainldm.runtime.atomic import write_text_atomic
-from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
+from brainldm.train import distributed
+from brainldm.train.config import config_to_dict, config_to_record, load_config, run_stage
 from brainldm.train.decode import check_aligned, load_inputs, load_targets, stage1_metrics
-from brainldm.train.decoders import (DECODER_KINDS, DecoderSpec, VaeDecoder, build_decoder, save_checkpoint,
-                                     vae_loss)
+from brainldm.train.decoders import DecoderSpec, VaeDecoder, build_decoder, save_checkpoint, vae_loss
+from brainldm.train.fit_config import DecoderConfig, FitConfig, decoder_config
 
 MIN_TRAIN_BATCH = 2  # BatchNorm needs > 1 sample per batch in training mode
-DEFAULT_ALPHAS = (1e-1, 1.0, 1e1, 1e2, 1e3, 1e4, 1e5)
-RIDGE_PREDICT_BATCH = 1024
 RIDGE_FOLD_TOL = 1e-4  # folded float32 linear layer vs RidgeModel.predict
-
-
-@dataclass(frozen=True)
-class CnnArch:
-    """CnnDecoder sizes (see decoders.CnnDecoder)."""
-
-    channels: int = 16
-    n_blocks: int = 2
-    kernel_size: int = 7
-    stem_stride: int = 4
-    pool: int = 4
-    hidden: tuple[int, ...] = (512, 512)
-    dropout: float = 0.1
-
-
-@dataclass(frozen=True)
-class VaeArch:
-    """VaeDecoder sizes and loss weights: loss = MSE + beta * KL + gamma * fMRI reconstruction."""
-
-    hidden: int = 512
-    recon_hidden: int = 512
-    dropout: float = 0.1
-    beta: float = 1e-3
-    gamma: float = 0.1
-
-
-@dataclass(frozen=True)
-class GcnArch:
-    """GcnDecoder sizes; pooling over nodes: mean | flatten."""
-
-    hidden: int = 64
-    cheb_k: int = 2
-    pooling: str = "flatten"
-    head_hidden: int = 256
-    dropout: float = 0.1
-
-
-@dataclass(frozen=True)
-class RidgeSettings:
-    """Ridge baseline: alphas searched by n_folds-fold CV (folds grouped by image), per target."""
-
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    n_folds: int = 5
-    target_chunk: int = 1000
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    """Adam, minibatches, early stopping on the validation loss (never test)."""
-
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    max_epochs: int = 40
-    patience: int = 5
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """One decoder entry: kind (ridge|cnn|vae|gcn), target (z|c), input ROIs (concatenated in this
-    order); the sub-section of its own kind (and only that one); the networks' seed and optimiser."""
-
-    kind: str
-    target: str
-    input_rois: tuple[str, ...]
-    seed: int | None = None  # networks only: ridge is deterministic and not iterative
-    optim: OptimSettings | None = None
-    cnn: CnnArch | None = None
-    vae: VaeArch | None = None
-    gcn: GcnArch | None = None
-    ridge: RidgeSettings | None = None
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """``fit`` params: folders, CPU threads, target-std floor, and the named decoders."""
-
-    decoders: dict[str, DecoderConfig]
-    prepared_dir: str = "data/prepared"
-    targets_dir: str = "data/targets"
-    models_dir: str = "models/decoders"
-    results_dir: str = "results/fit"
-    threads: int = 1
-    std_floor: float = 1e-6
-
-
-
-def decoder_config(config: FitConfig, name: str) -> DecoderConfig:
-    """The validated entry ``name`` (clear ConfigError for unknown names, kinds, targets, stray sections)."""
-    if name not in config.decoders:
-        raise ConfigError(f"fit.decoders: unknown decoder {name!r}; configured: {sorted(config.decoders)}")
-    entry = config.decoders[name]
-    if entry.kind not in DECODER_KINDS:
-        raise ConfigError(f"fit.decoders.{name}.kind: {entry.kind!r}; expected one of {DECODER_KINDS}")
-    if entry.target not in ("z", "c"):
-        raise ConfigError(f"fit.decoders.{name}.target: {entry.target!r}; expected 'z' or 'c'")
-    network_keys = ("seed", "optim")
-    own = (entry.kind, *network_keys) if entry.kind != "ridge" else (entry.kind,)
-    stray = [k for k in (*DECODER_KINDS, *network_keys) if k not in own and getattr(entry, k) is not None]
-    if stray:
-        raise ConfigError(f"fit.decoders.{name}: section(s) {stray} do not apply to kind {entry.kind!r}")
-    missing = [k for k in own if getattr(entry, k) is None]
-    if missing:
-        raise ConfigError(f"fit.decoders.{name}: missing {missing} (needed by kind {entry.kind!r})")
-    if not entry.input_rois:
-        raise ConfigError(f"fit.decoders.{name}.input_rois: expected at least one ROI")
-    return entry
 
 
 def _arch(entry: DecoderConfig) -> dict:
@@ -210,50 +106,85 @@ def _predict_std(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> to
         return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _train_epoch(model, optimiser, data: FitData, batch_size: int, generator: torch.Generator, arch: dict) -> float:
-    """One pass over shuffled training minibatches; returns the mean training objective."""
-    model.train()
+class Objective(torch.nn.Module):
+    """``(x (B, V), y (B, K)) -> scalar`` training loss of ``decoder`` (VAE: ``vae_loss``, else MSE);
+    a module so that DDP's forward covers every parameter the loss uses (the VAE's fMRI decoder too)."""
+
+    def __init__(self, decoder: torch.nn.Module, arch: dict):
+        super().__init__()
+        self.decoder, self.arch = decoder, arch
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.decoder, VaeDecoder):
+            return vae_loss(self.decoder, x, y, self.arch["beta"], self.arch["gamma"])
+        return torch.nn.functional.mse_loss(self.decoder(x), y)
+
+
+def _train_epoch(objective, optimiser, data: FitData, batch_size: int, generator: torch.Generator) -> float:
+    """One pass over shuffled training minibatches; returns the mean training objective (over all
+    ranks under DDP: each rank trains on its shard of every global minibatch)."""
+    objective.train()
     order = torch.randperm(len(data.x_train), generator=generator)
     total, seen = 0.0, 0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        if len(batch) < MIN_TRAIN_BATCH:
+        # the smallest shard decides, so every rank skips the same batches (BatchNorm needs 2 rows)
+        if len(batch) // distributed.world_size() < MIN_TRAIN_BATCH:
             continue
-        x, y = data.x_train[batch], data.y_train[batch]
-        if isinstance(model, VaeDecoder):
-            loss = vae_loss(model, x, y, arch["beta"], arch["gamma"])
-        else:
-            loss = torch.nn.functional.mse_loss(model(x), y)
+        batch = distributed.shard(batch)
+        loss = objective(data.x_train[batch], data.y_train[batch])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         total, seen = total + loss.item() * len(batch), seen + len(batch)
+    total, seen = distributed.sum_across([total, seen])
     return total / max(seen, 1)
 
 
-def train_network(data: FitData, entry: DecoderConfig) -> tuple[torch.nn.Module, list[dict]]:
-    """Adam + early stopping on validation MSE (standardised targets); returns the best model and history."""
+def _val_loss(model: torch.nn.Module, data: FitData, batch_size: int) -> float:
+    """Validation MSE of the standardised targets; under DDP each rank scores its shard of the rows
+    and the squared-error sums are all-reduced (the same value on every rank)."""
+    if distributed.world_size() == 1:
+        return float(torch.mean((_predict_std(model, data.x_val, batch_size) - data.y_val) ** 2))
+    rows = distributed.shard(torch.arange(len(data.x_val)))
+    err = (_predict_std(model, data.x_val[rows], batch_size) - data.y_val[rows]) ** 2
+    sse, count = distributed.sum_across([float(err.double().sum()), err.numel()])
+    return sse / count
+
+
+def train_network(data: FitData, entry: DecoderConfig,
+                  device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, list[dict]]:
+    """Adam + early stopping on validation MSE (standardised targets); returns the best model (on the
+    CPU) and history. Under DDP every rank holds the same model and history."""
     torch.manual_seed(entry.seed)
     generator = torch.Generator().manual_seed(entry.seed)
-    model = build_decoder(data.spec, *(data.graph or ()))
-    opt = entry.optim
+    model = build_decoder(data.spec, *(data.graph or ())).to(device)
+    if distributed.rank():  # other ranks draw their own dropout / VAE noise; rank 0 keeps one process's
+        torch.manual_seed(entry.seed + distributed.rank())
+    moved = {k: getattr(data, k).to(device) for k in ("x_train", "y_train", "x_val", "y_val")}  # no-op on the CPU
+    data = dataclasses.replace(data, **moved)
+    objective, opt = distributed.wrap(Objective(model, data.spec.arch), device), entry.optim
     # fused: its kernel's square root gives the same bits on every processor compared; the
     # per-tensor path's torch.sqrt does not (docs/reproducibility.md)
     optimiser = torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, fused=True)
     best_loss, best_state, since_best, history = float("inf"), copy.deepcopy(model.state_dict()), 0, []
-    for epoch in (bar := tqdm(range(1, opt.max_epochs + 1), desc=f"fit {data.spec.kind}")):
-        train_loss = _train_epoch(model, optimiser, data, opt.batch_size, generator, data.spec.arch)
-        val_loss = float(torch.mean((_predict_std(model, data.x_val, opt.batch_size) - data.y_val) ** 2))
+    bar = tqdm(range(1, opt.max_epochs + 1), desc=f"fit {data.spec.kind}", disable=not distributed.is_main())
+    for epoch in bar:
+        train_loss = _train_epoch(objective, optimiser, data, opt.batch_size, generator)
+        distributed.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones it saves
+        val_loss = _val_loss(model, data, opt.batch_size)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        stop = False
         if val_loss < best_loss:
             best_loss, best_state, since_best = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
             since_best += 1
-            if since_best >= opt.patience:
-                break
+            stop = since_best >= opt.patience
+        if distributed.rank0_decides(stop):  # no rank may leave the loop alone (DDP would hang)
+            break
     model.load_state_dict(best_state)
-    return model.eval(), history
+    return model.cpu().eval(), history
 
 
 def train_ridge(data: FitData, entry: DecoderConfig) -> tuple[torch.nn.Module, list[dict]]:
@@ -281,19 +212,30 @@ def train_ridge(data: FitData, entry: DecoderConfig) -> tuple[torch.nn.Module, l
 
 
 def fit(config: FitConfig, dataset: str, decoder: str) -> dict:
-    """Fit decoder ``decoder`` on ``dataset``; write checkpoint, loss.csv, metrics.json; return val metrics."""
+    """Fit decoder ``decoder`` on ``dataset``; write checkpoint, loss.csv, metrics.json; return val metrics
+    (rank 0's on every rank under torchrun)."""
     entry = decoder_config(config, decoder)
-    with _deterministic(config.threads):
-        return _fit(config, dataset, decoder, entry)
+    device = distributed.resolve_device(config.device, "fit.device")
+    config = dataclasses.replace(config, device=device.type)  # "auto" resolved: the record says where it ran
+    if entry.kind == "ridge" and distributed.launched_world_size() > 1:
+        raise ValueError(f"fit.decoders.{decoder}: ridge is solved in closed form, not trained with DDP; "
+                         "run it without torchrun")
+    distributed.join_process_group(device)
+    with _deterministic(config.threads, device):
+        return _fit(config, dataset, decoder, entry, device)
 
 
 @contextlib.contextmanager
-def _deterministic(threads: int) -> Iterator[None]:
+def _deterministic(threads: int, device: torch.device) -> Iterator[None]:
     """Fixed CPU threads and deterministic kernels while fitting; the caller's settings are restored."""
     previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                 torch.utils.deterministic.fill_uninitialized_memory)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace (read when its handle is created); a
+        # CUDA kernel without a deterministic variant (scatter in ChebConv) warns instead of failing
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     # filling every new tensor with NaN costs ~15 % of a CNN step; no kernel here reads uninitialised memory
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
@@ -308,12 +250,23 @@ def _deterministic(threads: int) -> Iterator[None]:
 RIDGE_PREDICT_BATCH = 64
 
 
-def _fit(config: FitConfig, dataset: str, decoder: str, entry: DecoderConfig) -> dict:
+def _fit(config: FitConfig, dataset: str, decoder: str, entry: DecoderConfig, device: torch.device) -> dict:
+    """Steps 1-4 of ``fit``; under torchrun every rank trains and rank 0 alone scores and writes."""
     started = time.perf_counter()
     # 1. data, standardised with training statistics
     data = load_fit_data(config, dataset, entry)
     # 2. train (early stopping on val) or ridge CV
-    model, history = (train_ridge if entry.kind == "ridge" else train_network)(data, entry)
+    model, history = train_ridge(data, entry) if entry.kind == "ridge" else train_network(data, entry, device)
+    if not distributed.is_main():  # the other ranks hold the same model: one writer
+        return distributed.broadcast_object(None)
+    metrics = _score_and_write(config, dataset, decoder, entry, data, model, history)
+    print(f"fit {dataset}/{decoder}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return distributed.broadcast_object(metrics)
+
+
+def _score_and_write(config: FitConfig, dataset: str, decoder: str, entry: DecoderConfig, data: FitData,
+                     model: torch.nn.Module, history: list[dict]) -> dict:
+    """Rank 0: validation metrics in target units; checkpoint, loss.csv and metrics.json, atomically."""
     # 3. validation metrics in target units
     batch = entry.optim.batch_size if entry.optim else RIDGE_PREDICT_BATCH
     pred = _predict_std(model, data.x_val, batch) * data.std + data.mean
@@ -324,7 +277,10 @@ def _fit(config: FitConfig, dataset: str, decoder: str, entry: DecoderConfig) ->
                "epochs_run": len(history), **stage1_metrics(real.numpy(), pred.numpy())}
     # 4. outputs, atomically
     # only this decoder's entry: editing another decoder's params must not change this checkpoint
-    shared = {k: v for k, v in config_to_dict(config).items() if k != "decoders"}
+    # (the device only off the CPU, the process count only under torchrun: default checkpoints keep their bytes)
+    shared = {k: v for k, v in config_to_record(config).items() if k != "decoders"}
+    if distributed.world_size() > 1:
+        shared["world_size"] = distributed.world_size()
     resolved = json.dumps({"dataset": dataset, "decoder": decoder, **shared, "entry": config_to_dict(entry)},
                           sort_keys=True)
     save_checkpoint(Path(config.models_dir) / dataset / f"{decoder}.safetensors", data.spec, model, data.mean,
@@ -333,7 +289,6 @@ def _fit(config: FitConfig, dataset: str, decoder: str, entry: DecoderConfig) ->
     rows = ["epoch,train_loss,val_loss"] + [f"{h['epoch']},{h['train_loss']:.8g},{h['val_loss']:.8g}" for h in history]
     write_text_atomic(out / "loss.csv", "\n".join(rows) + "\n")
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    print(f"fit {dataset}/{decoder}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return metrics
 
 
@@ -343,8 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--decoder", required=True)
     args = parser.parse_args(argv)
-    return run_stage(lambda: json.dumps(fit(load_config(FitConfig, "fit", args.params), args.dataset,
-                                            args.decoder), sort_keys=True))
+    with distributed.quiet_unless_main():  # under torchrun one summary line, rank 0's
+        return run_stage(lambda: json.dumps(fit(load_config(FitConfig, "fit", args.params), args.dataset,
+                                                args.decoder), sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -102,8 +102,10 @@ def load_image_model(
                 str(path), config=str(folder), local_files_only=True, torch_dtype=dtype, **kwargs
             )
         else:
+            # low_cpu_mem_usage=False is what diffusers falls back to without `accelerate` (not a
+            # dependency), after printing a notice; asked for here, the same load prints nothing
             pipe = LatentImg2ImgPipeline.from_pretrained(
-                str(check_folder(path)), local_files_only=True, dtype=dtype, **kwargs
+                str(check_folder(path)), local_files_only=True, dtype=dtype, low_cpu_mem_usage=False, **kwargs
             )
     except ImageModelError:
         raise

@@ -9,10 +9,20 @@ image. This subclass compares with the VAE's own ``latent_channels`` instead; fo
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline
-from diffusers.utils.torch_utils import randn_tensor
+
+# Importing diffusers' img2img pipeline makes transformers note that its CLIP and SigLIP image
+# processors fall back to PIL without torchvision (which has no CPU build here). The project uses
+# neither processor (they serve diffusers' safety checker and IP adapters), so that one note is
+# dropped where transformers emits it; its other messages pass. Installed before the import.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
+from diffusers import StableDiffusionImg2ImgPipeline  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 SD_LATENT_CHANNELS = 4  # the value diffusers' img2img hard-codes
 
@@ -21,14 +31,16 @@ def add_noise(scheduler, original: torch.Tensor, noise: torch.Tensor, timesteps:
     """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps: diffusers' ``add_noise``, its float32
     operations in its order, with correctly rounded square roots.
 
-    original, noise: (B, C, h, w) float32; timesteps: (B,) or () ints. torch's float32 sqrt
-    is within 1 ulp but not correctly rounded, and which neighbour it returns depends on the
+    original, noise: (B, C, h, w) on one device, float32 (or a CUDA half type: the square
+    roots are then rounded to it, as diffusers' are); timesteps: (B,) or () ints. torch's float32
+    sqrt is within 1 ulp but not correctly rounded, and which neighbour it returns depends on the
     processor (docs/reproducibility.md); numpy's is correctly rounded, as the runtime's DDIM.
     """
     abar = scheduler.alphas_cumprod.to(torch.float32).numpy()[np.atleast_1d(timesteps.cpu().numpy())]
     shape = (-1,) + (1,) * (original.ndim - 1)
-    sqrt_abar = torch.from_numpy(np.sqrt(abar)).reshape(shape)
-    sqrt_one_minus_abar = torch.from_numpy(np.sqrt(np.float32(1) - abar)).reshape(shape)
+    where = dict(device=original.device, dtype=original.dtype)  # CPU float32: no-ops, the same tensors
+    sqrt_abar = torch.from_numpy(np.sqrt(abar)).reshape(shape).to(**where)
+    sqrt_one_minus_abar = torch.from_numpy(np.sqrt(np.float32(1) - abar)).reshape(shape).to(**where)
     return sqrt_abar * original + sqrt_one_minus_abar * noise
 
 

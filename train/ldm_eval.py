@@ -16,7 +16,8 @@ from brainldm.runtime.generation import to_uint8
 from brainldm.train import scenes
 from brainldm.train.metrics import pixcorr, ssim
 from brainldm.train.targets import TargetsConfig, encode_texts
-from brainldm.train.train_ldm import EvalConfig, TrainLdmConfig, resolve_device, to_tensor
+from brainldm.train.distributed import resolve_device
+from brainldm.train.train_ldm import EvalConfig, TrainLdmConfig, to_tensor
 
 
 def mean_pixcorr(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -67,7 +68,7 @@ def evaluate(cfg: TrainLdmConfig) -> dict:
         raise ValueError("train_ldm.eval.seed must differ from train_ldm.seed (held-out scenes)")
     # 1. Held-out scenes and the model.
     gt, captions, labels, scene_list = scenes.generate(cfg.eval.n_images, cfg.eval.seed, cfg.image_size, cfg.n_captions)
-    pipe = load_image_model(cfg.out, device=str(resolve_device(cfg.device)))
+    pipe = load_image_model(cfg.out, device=str(resolve_device(cfg.device, "train_ldm.device")))
     x = to_tensor(gt).to(pipe.device)
     # 2. VAE round trip through the posterior mean.
     z = torch.cat([pipe.vae.encode(x[s:s + cfg.eval.batch_size]).latent_dist.mean for s in range(0, len(x), cfg.eval.batch_size)])

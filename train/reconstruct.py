@@ -9,7 +9,8 @@ docs/data-formats.md, "The generation protocol").
 All randomness is drawn with numpy from ``(seed, test item, sample)`` by
 ``runtime/generation.py``'s ``numpy_noise`` and passed in, so the lean runtime (no
 torch) reproduces the very same noise, and a batch's composition never changes an
-image. The PNGs are quantised with the runtime's ``to_uint8``.
+image. The PNGs are quantised with the runtime's ``to_uint8``. ``device`` and ``dtype`` choose where
+and in what precision (train/compute_options.py; CPU float32 by default).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import csv
 import io
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -30,8 +31,12 @@ from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path
 from brainldm.runtime.generation import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise, to_uint8
-from brainldm.train.config import ConfigError, config_to_dict, load_config, run_stage
+from brainldm.train.compute_options import stage_device_dtype
+from brainldm.train.config import ConfigError, config_to_record, execution_option, load_config, run_stage
 from brainldm.train.latent_img2img import LatentImg2ImgPipeline, add_noise
+from brainldm.train.split_data import load_targets, split_image_index
+
+TRUE_TARGETS = "targets"  # a pair's decoder name for the test images' true targets: the ceiling pair
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,11 @@ class ReconstructConfig:
     encode_mode: str = "sample"  # re-encoding uses the posterior "sample" or "mean"
     seed: int = 42
     batch_size: int = 16
+    device: str = execution_option("cpu")  # cpu | cuda | auto (train/compute_options.py)
+    dtype: str = execution_option("float32")  # float16 / bfloat16 on CUDA only
     decode_dir: str = "results/decode"
     targets_dir: str = "data/targets"
+    prepared_dir: str = "data/prepared"  # the test split's image rows, for the ceiling pair's true targets
     out_dir: str = "results/reconstruct"
 
 
@@ -85,14 +93,16 @@ class GivenNoiseImg2ImgPipeline(LatentImg2ImgPipeline):
         return add_noise(self.scheduler, init_latents, noise, timestep)
 
 
-def load_reference_pipeline(model_path: str | Path) -> GivenNoiseImg2ImgPipeline:
-    """The img2img reference pipeline with a DDIM scheduler (eta 0), on CPU, float32."""
+def load_reference_pipeline(model_path: str | Path, device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32) -> GivenNoiseImg2ImgPipeline:
+    """The img2img reference pipeline with a DDIM scheduler (eta 0), on ``device`` in ``dtype``."""
     from brainldm.train.image_model import load_image_model
 
-    base = load_image_model(model_path)
+    base = load_image_model(model_path, device=str(device), dtype=dtype)
     components = dict(base.components)
     components["scheduler"] = DDIMScheduler.from_config(base.scheduler.config)
-    pipe = GivenNoiseImg2ImgPipeline(**components)
+    # safety_checker is None: saying so keeps diffusers from printing its notice about it
+    pipe = GivenNoiseImg2ImgPipeline(**components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -101,12 +111,12 @@ def reencode_latents(pipe, z: torch.Tensor, resolution: int, posterior_noise: to
     """Decode ``z`` to an image, resize to ``resolution``, encode it again.
 
     Args:
-        z: (B, C, h, w) float32 latents, already multiplied by the scaling factor.
+        z: (B, C, h, w) latents, already multiplied by the scaling factor, on the VAE's device and dtype.
         resolution: generation resolution in px.
-        posterior_noise: (B, C, R/f, R/f) standard normal noise for the posterior sample,
+        posterior_noise: (B, C, R/f, R/f) standard normal noise for the posterior sample (as ``z``),
             or None for the posterior mean.
     Returns:
-        (B, C, R/f, R/f) float32 latents times the scaling factor.
+        (B, C, R/f, R/f) latents times the scaling factor, in the VAE's dtype.
     """
     scaling = pipe.vae.config.scaling_factor
     image = pipe.vae.decode(z / scaling).sample.clamp(-1, 1)
@@ -140,8 +150,10 @@ def reconstruct_batch(
         c: (B, T, D) float32 predicted text states; uncond: (T, D) empty-prompt states.
         items, samples: (B,) int test-item and sample indices (they seed the noise).
     Returns:
-        images (B, R, R, 3) float32 in [0, 1].
+        images (B, R, R, 3) float32 in [0, 1]. The inputs and noise go to the pipeline's device and
+        dtype (load_reference_pipeline); on CPU in float32 those moves are no-ops.
     """
+    where = dict(device=pipe.unet.device, dtype=pipe.unet.dtype)
     # 1. Decode z, resize to the generation resolution and encode again.
     resolution = cfg.resolution or native_resolution(pipe)
     factor = int(pipe.vae_scale_factor)
@@ -150,17 +162,17 @@ def reconstruct_batch(
     if cfg.encode_mode == "sample":
         posterior_noise = torch.from_numpy(np.stack([
             numpy_noise(cfg.seed, int(i), int(s), NOISE_STREAM_POSTERIOR, latent_shape) for i, s in zip(items, samples)
-        ]))
-    init_latents = reencode_latents(pipe, torch.from_numpy(z), resolution, posterior_noise)
+        ])).to(**where)
+    init_latents = reencode_latents(pipe, torch.from_numpy(z).to(**where), resolution, posterior_noise)
     # 2. Forward-diffusion noise, drawn with numpy so that the runtime can draw the same.
     pipe.given_noise = torch.from_numpy(np.stack([
         numpy_noise(cfg.seed, int(i), int(s), NOISE_STREAM_DIFFUSION, latent_shape) for i, s in zip(items, samples)
-    ]))
+    ])).to(**where)
     # 3. img2img: DDIM from the strength's start step, CFG with the empty-prompt embedding.
-    negative = torch.from_numpy(np.broadcast_to(uncond, c.shape).copy())
+    negative = torch.from_numpy(np.broadcast_to(uncond, c.shape).copy()).to(**where)
     out = pipe(
         image=init_latents,
-        prompt_embeds=torch.from_numpy(c),
+        prompt_embeds=torch.from_numpy(c).to(**where),
         negative_prompt_embeds=negative,
         strength=cfg.strength,
         num_inference_steps=cfg.steps,
@@ -178,12 +190,7 @@ def load_predictions(cfg: ReconstructConfig, dataset: str, pair: PairConfig) -> 
     """
     arrays = {}
     for key, decoder in (("z", pair.z), ("c", pair.c)):
-        path = Path(cfg.decode_dir) / dataset / f"{decoder}.h5"
-        if not path.is_file():
-            raise ReconstructError(f"missing predictions {path} (decoder '{decoder}' for {key}); run the decode stage first")
-        with h5py.File(path, "r") as f:
-            arrays[key] = f["pred"][()].astype(np.float32)
-            arrays[f"{key}_index"] = f["image_index"][()].astype(np.int64)
+        arrays[key], arrays[f"{key}_index"] = _test_rows(cfg, dataset, key, decoder)
     if not np.array_equal(arrays["z_index"], arrays["c_index"]):
         raise ReconstructError(
             f"z predictions ({pair.z}) and c predictions ({pair.c}) cover different test images: "
@@ -200,6 +207,19 @@ def load_predictions(cfg: ReconstructConfig, dataset: str, pair: PairConfig) -> 
             f"expected z (n, C, h, w) and c (n, T, D) with (T, D) = uncond {uncond.shape}; got z {z.shape}, c {c.shape}"
         )
     return {"z": z, "c": c, "uncond": uncond, "image_index": arrays["z_index"]}
+
+
+def _test_rows(cfg: ReconstructConfig, dataset: str, key: str, decoder: str) -> tuple[np.ndarray, np.ndarray]:
+    """One target's test rows (n, ...) float32 and their image rows (n,) int64: a decoder's
+    predictions, or for TRUE_TARGETS the test images' own targets (the ceiling)."""
+    if decoder == TRUE_TARGETS:
+        index = split_image_index(Path(cfg.prepared_dir) / f"{dataset}.h5", "test")
+        return load_targets(Path(cfg.targets_dir) / f"{dataset}.h5", key, index), index
+    path = Path(cfg.decode_dir) / dataset / f"{decoder}.h5"
+    if not path.is_file():
+        raise ReconstructError(f"missing predictions {path} (decoder '{decoder}' for {key}); run the decode stage first")
+    with h5py.File(path, "r") as f:
+        return f["pred"][()].astype(np.float32), f["image_index"][()].astype(np.int64)
 
 
 def check_model_fits(pipe, z: np.ndarray, c: np.ndarray) -> None:
@@ -228,9 +248,11 @@ def run(cfg: ReconstructConfig, dataset: str, pair_name: str) -> Path:
         raise ConfigError(f"unknown pair '{pair_name}'; configured pairs: {sorted(cfg.pairs)}")
     if cfg.encode_mode not in ("sample", "mean"):
         raise ConfigError(f"reconstruct.encode_mode must be 'sample' or 'mean', got {cfg.encode_mode!r}")
+    device, dtype = stage_device_dtype("reconstruct", cfg.device, cfg.dtype)
+    cfg = replace(cfg, device=device.type)  # "auto" resolved: config.json records what ran
     # 1. Inputs and model.
     pred = load_predictions(cfg, dataset, cfg.pairs[pair_name])
-    pipe = load_reference_pipeline(cfg.model)
+    pipe = load_reference_pipeline(cfg.model, device, dtype)
     check_model_fits(pipe, pred["z"], pred["c"])
     # 2. All (test item, sample) pairs, in batches.
     items, samples = np.divmod(np.arange(len(pred["z"]) * cfg.samples), cfg.samples)
@@ -250,7 +272,7 @@ def run(cfg: ReconstructConfig, dataset: str, pair_name: str) -> Path:
             writer = csv.writer(f)
             writer.writerow(["test_item", "image_index", "sample", "file"])
             writer.writerows(rows)
-        (tmp / "config.json").write_text(json.dumps({"dataset": dataset, "pair": pair_name, "config": config_to_dict(cfg)}, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps({"dataset": dataset, "pair": pair_name, "config": config_to_record(cfg)}, indent=2, sort_keys=True))
     return out
 
 

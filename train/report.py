@@ -22,6 +22,8 @@ THEIR_MSE = {
     ("z", "ridge"): (0.754, 0.743), ("z", "cnn"): (0.558, 0.692),
     ("z", "vae"): (0.567, 0.726), ("z", "gcn"): (0.554, 0.687),
 }
+ROW_LABELS = {"ceiling": "ceiling: true z + true c"}
+FLOOR_LABELS = {"shuffled_stimuli": "another test stimulus", "mean_train_image": "mean training image"}
 THEIR_RECONSTRUCTION = {"ours": {"PCC": 0.325, "SSIM": 0.353}, "baseline": {"PCC": 0.266, "SSIM": 0.214}}
 STAGE1_COLUMNS = ("mse", "pearson_sample", "pearson_dim", "identification")
 
@@ -32,7 +34,7 @@ class ReportConfig:
 
     datasets: tuple[str, ...] = ("sim-nsd", "sim-things")
     decoders: tuple[str, ...] = ()
-    pairs: tuple[str, ...] = ("baseline", "ours")
+    pairs: tuple[str, ...] = ("ceiling", "baseline", "ours")
     decode_dir: str = "results/decode"
     evaluate_dir: str = "results/evaluate"
     parity_dir: str = "results/parity"  # runtime-vs-reference parity JSONs; "" = leave the section out
@@ -76,18 +78,27 @@ def _metric_cell(summary: dict) -> str:
     return text
 
 
+def _table4_rows(result: dict, pairs: tuple[str, ...], where: str) -> list[tuple[str, dict]]:
+    """(label, metric -> summary) per row of one dataset: its pairs, then the floors, then the paired differences."""
+    rows = []
+    for pair in pairs:
+        if pair not in result["pairs"]:
+            raise ValueError(f"{where} has no pair '{pair}'")
+        rows.append((ROW_LABELS.get(pair, pair), result["pairs"][pair]))
+    rows += [(f"floor: {FLOOR_LABELS.get(name, name)}", summary) for name, summary in result.get("floors", {}).items()]
+    rows += [(f"{name.replace('-', ' − ')} (paired)", summary) for name, summary in result.get("differences", {}).items()]
+    return rows
+
+
 def reconstruction_table(cfg: ReportConfig) -> tuple[list[str], list[str]]:
-    """Table 4: rows = (dataset, pair); columns = every summarised metric. Also protocol lines."""
+    """Table 4: rows = (dataset, pair | floor | paired difference); columns = every summarised metric. Also protocol lines."""
     results = {d: _read_json(Path(cfg.evaluate_dir) / d / "metrics.json") for d in cfg.datasets}
     metric_names = sorted({m for r in results.values() for p in r["pairs"].values() for m in p})
     lines = ["| dataset | method | " + " | ".join(metric_names) + " |", "|" + "---|" * (len(metric_names) + 2)]
     protocol = []
     for dataset, result in results.items():
-        for pair in cfg.pairs:
-            summary = result["pairs"].get(pair)
-            if summary is None:
-                raise ValueError(f"{cfg.evaluate_dir}/{dataset}/metrics.json has no pair '{pair}'")
-            lines.append(f"| {dataset} | {pair} | " + " | ".join(_metric_cell(summary.get(m)) for m in metric_names) + " |")
+        for label, summary in _table4_rows(result, cfg.pairs, f"{cfg.evaluate_dir}/{dataset}/metrics.json"):
+            lines.append(f"| {dataset} | {label} | " + " | ".join(_metric_cell(summary.get(m)) for m in metric_names) + " |")
         protocol.append(f"- **{dataset}**: " + "; ".join(f"{k}: {v}" for k, v in sorted(result.get("protocol", {}).items())
                                                         if not isinstance(v, (dict, list))))
     return lines, protocol
@@ -146,6 +157,11 @@ def build_report(cfg: ReportConfig) -> str:
         *stage1_table(cfg),
         "",
         "## Table 4: reconstruction (mean over test images, [95% bootstrap CI])",
+        "",
+        "Read each metric between its ceiling (the test images' true targets through the same generator, noise",
+        "and samples) and its floors (a perfect picture of another test image; the mean training image): a",
+        "method is only as good as its position in that range. The paired rows are per-image differences with",
+        "a bootstrap over test images; a CI that excludes 0 is a difference this test set can show.",
         "",
         *reconstruction,
         "",

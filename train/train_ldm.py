@@ -10,6 +10,9 @@
    the resolved config and the loss log.
 5. Evaluate on held-out scenes (another seed): VAE round trip, img2img from the true
    z and c, and from the true z with another image's captions (c swapped).
+
+Under ``torchrun --nproc_per_node N`` steps 2-3 run with DDP (train/distributed.py): every rank
+draws the same global minibatch and noise and trains on its rows; rank 0 saves and evaluates.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
-from brainldm.train import scenes
+from brainldm.train import distributed, scenes
 from brainldm.train.config import config_to_dict, load_config, run_stage
 from brainldm.train.tokenizer import build_tokenizer, save_tokenizer
 
@@ -113,17 +116,6 @@ class TrainLdmConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def resolve_device(device: str) -> torch.device:
-    """'cpu', 'cuda' or 'auto' (cuda when available)."""
-    if device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"train_ldm.device: got {device!r}, expected 'cpu', 'cuda' or 'auto'")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train_ldm.device: 'cuda' requested but no CUDA device is available")
-    return torch.device(device)
-
-
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -172,24 +164,39 @@ def build_models(cfg: TrainLdmConfig, vocab_size: int, bos: int, eos: int):
     return vae, text, unet
 
 
+class VaeObjective(torch.nn.Module):
+    """``(x (B, 3, H, W), eps (B, C, h, w)) ->`` train_vae's loss; a module, so DDP covers encoder and decoder."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.mean + posterior.std * eps).sample
+        return torch.nn.functional.mse_loss(recon, x) + self.kl_weight * posterior.kl().mean()
+
+
 def train_vae(vae, images: torch.Tensor, cfg: VaeConfig, device: torch.device, gen: torch.Generator) -> list[float]:
-    """Fit the autoencoder: MSE(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I)). Returns losses per step."""
+    """Fit the autoencoder: MSE(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I)). Returns losses per step
+    (under DDP the mean over ranks, each training on its rows of the global batch)."""
     vae.to(device).train()
+    objective = distributed.wrap(VaeObjective(vae, cfg.kl_weight), device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    side = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)  # f = 2 per level but the last
+    latent_shape = (cfg.batch_size, vae.config.latent_channels, side, side)
     losses = []
-    for _ in tqdm(range(cfg.steps), desc="vae", mininterval=5):
+    for _ in tqdm(range(cfg.steps), desc="vae", mininterval=5, disable=not distributed.is_main()):
+        # the global batch's indices and noise on every rank (one generator stream); then this rank's rows
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-        x = images[idx].to(device)
-        posterior = vae.encode(x).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
-        recon = vae.decode(posterior.mean + posterior.std * eps).sample
-        loss = torch.nn.functional.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+        eps = torch.randn(latent_shape, generator=gen)
+        loss = objective(images[distributed.shard(idx)].to(device), distributed.shard(eps).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(distributed.mean_across(loss))
     return losses
 
 
@@ -234,6 +241,19 @@ def denoising_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, noise
     return (per_sample * snr.clamp(max=gamma) / snr).mean(), plain
 
 
+class DenoiserObjective(torch.nn.Module):
+    """``(ids (B, 77), zt, t (B,), eps (B, C, h, w)) -> denoising_loss``; a module, so DDP covers text and UNet."""
+
+    def __init__(self, text, unet, noise_sched, gamma: float):
+        super().__init__()
+        self.text, self.unet, self.noise_sched, self.gamma = text, unet, noise_sched, gamma
+
+    def forward(self, ids, zt, t, eps) -> tuple[torch.Tensor, float]:
+        states = self.text(ids).last_hidden_state
+        pred = self.unet(zt, t, encoder_hidden_states=states).sample
+        return denoising_loss(pred, eps, t.cpu(), self.noise_sched, self.gamma)
+
+
 def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor,
                    empty_ids: torch.Tensor, sf: float, cfg: UnetConfig, device: torch.device,
                    gen: torch.Generator) -> list[float]:
@@ -243,7 +263,7 @@ def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token
     per image; empty_ids (77,): the empty caption (used with prob ``caption_dropout``).
     Loss ||eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c)||^2, z0 = sf * sample,
     see ``denoising_loss``. With ``ema_decay`` > 0 the models end holding the EMA weights.
-    Returns the plain MSE per step.
+    Returns the plain MSE per step (under DDP the mean over ranks, each on its rows of the global batch).
     """
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
@@ -255,10 +275,11 @@ def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     text.to(device).train()
     unet.to(device).train()
+    objective = distributed.wrap(DenoiserObjective(text, unet, noise_sched, cfg.min_snr_gamma), device)
     mean, std = latents
     n, k = token_ids.shape[:2]
     losses = []
-    for _ in tqdm(range(cfg.steps), desc="unet", mininterval=5):
+    for _ in tqdm(range(cfg.steps), desc="unet", mininterval=5, disable=not distributed.is_main()):
         idx = torch.randint(n, (cfg.batch_size,), generator=gen)
         z0 = sf * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen))
         ids = token_ids[idx, torch.randint(k, (cfg.batch_size,), generator=gen)]
@@ -267,9 +288,8 @@ def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token
         eps = torch.randn(z0.shape, generator=gen)
         t = torch.randint(noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         zt = noise_sched.add_noise(z0, eps, t)
-        states = text(ids.to(device)).last_hidden_state
-        pred = unet(zt.to(device), t.to(device), encoder_hidden_states=states).sample
-        loss, plain = denoising_loss(pred, eps.to(device), t, noise_sched, cfg.min_snr_gamma)
+        # drawn for the global batch on every rank (one generator stream); this rank trains on its rows
+        loss, plain = objective(*(distributed.shard(a).to(device) for a in (ids, zt, t, eps)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -277,7 +297,7 @@ def train_denoiser(text, unet, latents: tuple[torch.Tensor, torch.Tensor], token
         sched.step()
         if ema is not None:
             ema.step(params)
-        losses.append(plain)
+        losses.append(distributed.mean_across(plain))
     if ema is not None:
         ema.copy_to(params)
     return losses
@@ -297,12 +317,15 @@ def save_pipeline(folder: Path, vae, text, tokenizer, unet) -> None:
 
 
 def train(cfg: TrainLdmConfig) -> dict:
-    """Train all components and write the pipeline folder ``cfg.out`` atomically.
+    """Train all components and write the pipeline folder ``cfg.out`` atomically (rank 0 under torchrun).
 
-    Returns the training record: losses per phase, seconds per phase, steps/s, sizes.
+    Returns the training record: losses per phase, seconds per phase, steps/s, sizes (every rank's the same).
     """
+    device = distributed.resolve_device(cfg.device, "train_ldm.device")
+    for part in ("vae", "unet"):
+        distributed.check_shardable(getattr(cfg, part).batch_size, f"train_ldm.{part}.batch_size")
+    distributed.join_process_group(device)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     # 1. Data and tokenizer.
     images_u8, captions, _, _ = scenes.generate(cfg.n_train, cfg.seed, cfg.image_size, cfg.n_captions)
@@ -324,11 +347,14 @@ def train(cfg: TrainLdmConfig) -> dict:
     t_unet = time.perf_counter() - t0
     record = {
         "device": str(device), "scaling_factor": sf,
+        **({"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}),
         "vae": {"seconds": t_vae, "steps_per_s": cfg.vae.steps / max(t_vae, 1e-9), "losses": vae_losses},
         "unet": {"seconds": t_unet, "steps_per_s": cfg.unet.steps / max(t_unet, 1e-9), "losses": unet_losses},
         "params": {n: sum(p.numel() for p in m.parameters()) for n, m in (("vae", vae), ("text_encoder", text), ("unet", unet))},
     }
-    # 4. Save everything at once.
+    # 4. Save everything at once (one writer: every rank holds the same weights).
+    if not distributed.is_main():
+        return record
     with atomic_path(cfg.out) as tmp:
         save_pipeline(tmp, vae, text, tokenizer, unet)
         (tmp / "training_config.json").write_text(json.dumps(config_to_dict(cfg), indent=1, sort_keys=True))
@@ -345,6 +371,8 @@ def _train_and_evaluate(args: argparse.Namespace) -> str:
     if not args.skip_train:
         record = train(cfg)
         print(f"trained on {record['device']}: vae {record['vae']['seconds']:.0f} s, unet {record['unet']['seconds']:.0f} s")
+    if not distributed.is_main():  # rank 0 evaluates what it saved
+        return ""
     metrics = evaluate(cfg)
     metrics["size_mb"] = folder_megabytes(cfg.out)
     write_text_atomic(cfg.metrics, json.dumps(metrics, indent=1, sort_keys=True))
@@ -358,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="overrides train_ldm.device")
     parser.add_argument("--skip-train", action="store_true", help="only evaluate the existing folder")
     args = parser.parse_args(argv)
-    return run_stage(lambda: _train_and_evaluate(args))
+    with distributed.quiet_unless_main():  # under torchrun one summary, rank 0's
+        return run_stage(lambda: _train_and_evaluate(args))
 
 
 if __name__ == "__main__":

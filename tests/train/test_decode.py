@@ -94,7 +94,7 @@ def test_decode_bad_inputs(fitted, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"decode": {"models_dir": str(fitted / "models"), "prepared_dir": "data/prepared",
                                              "targets_dir": "data/targets", "results_dir": "results/decode",
-                                             "batch_size": 256, "threads": 1}}))
+                                             "batch_size": 256, "threads": 1, "device": "cpu"}}))
     assert main(["--params", str(params), "--dataset", "fake", "--decoder", "nope"]) == 1
     assert "error: decoder checkpoint not found" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import re
 
 import h5py
 import numpy as np
@@ -10,11 +11,12 @@ from PIL import Image
 
 from brainldm.train import attribute_classifier as ac
 from brainldm.train import evaluate as ev
-from brainldm.train import figures, scenes
+from brainldm.train import figures, floors, metrics, scenes
 from brainldm.train.config import config_to_dict
 from tests.tiny_models import save_tiny_pipeline
 
 TEST_INDEX = np.array([7, 2, 5, 0, 9, 3])
+TRAIN_INDEX = np.array([1, 4, 6, 8, 1, 4, 8])  # single trials: images repeat
 N_IMAGES, SIZE, SAMPLES = 10, 32, 2
 
 
@@ -36,6 +38,7 @@ def _write_prepared(root, images):
         f["images"] = images
         f["splits/test/image_index"] = TEST_INDEX
         f["splits/test/session"] = -np.ones(len(TEST_INDEX), np.int64)
+        f["splits/train/image_index"] = TRAIN_INDEX
 
 
 def _write_pair(root, name, recon, skip=(), sizes=None):
@@ -64,7 +67,7 @@ def _setup(tmp_path, assets, **pair_kwargs):
     _write_pair(tmp_path, "same", same, **pair_kwargs)
     _write_pair(tmp_path, "shuffled", np.roll(same, 1, axis=0))
     return ev.EvaluateConfig(
-        pairs=("same", "shuffled"), prepared_dir=str(tmp_path / "prepared"), reconstruct_dir=str(tmp_path / "recon"),
+        pairs=("same", "shuffled"), differences=(("same", "shuffled"),), prepared_dir=str(tmp_path / "prepared"), reconstruct_dir=str(tmp_path / "recon"),
         out_dir=str(tmp_path / "out"), model=str(assets["model"]), classifier=assets["classifier"], n_boot=200,
         grid_items=3, grid_dpi=100,
     )
@@ -93,7 +96,7 @@ def test_metrics_json_schema_and_grid(tmp_path, assets):
     cfg = _setup(tmp_path, assets)
     out = ev.run(cfg, "ds")
     result = json.loads((out / "metrics.json").read_text())
-    assert set(result) == {"dataset", "pairs", "chance", "feature_spaces", "protocol", "config"}
+    assert set(result) == {"dataset", "pairs", "floors", "differences", "chance", "feature_spaces", "protocol", "config"}
     summary = result["pairs"]["same"]["ssim"]
     assert set(summary) == {"mean", "sem", "ci_low", "ci_high", "n", "level", "n_undefined"}
     assert summary["n"] == len(TEST_INDEX) and summary["level"] == 0.95
@@ -161,4 +164,44 @@ def test_reconstructions_of_another_split_rejected(tmp_path, assets):
     lines[1] = lines[1].replace("0,8,0", f"0,{TEST_INDEX[0]},0")
     index.write_text("\n".join([*lines, "6,8,0,item0000_s0.png"]) + "\n")
     with pytest.raises(ev.EvaluateError, match=r"test items \[6\].*outside"):
+        ev.run(cfg, "ds")
+
+
+def test_floors_are_computed_from_the_stimuli_and_the_training_images(tmp_path, assets):
+    cfg = _setup(tmp_path, assets)
+    result = json.loads((ev.run(cfg, "ds") / "metrics.json").read_text())
+    images, gt = assets["images"], assets["images"][TEST_INDEX]
+    perm = floors.derangement(len(TEST_INDEX), cfg.seed)
+    assert sorted(perm.tolist()) == list(range(len(TEST_INDEX))) and not np.any(perm == np.arange(len(TEST_INDEX)))
+    # the mean over the UNIQUE training images (1, 4, 6, 8), not over trials, and no test image in it
+    mean = np.rint(images[[1, 4, 6, 8]].astype(np.float64).mean(axis=0)).astype(np.uint8)
+    np.testing.assert_array_equal(floors.mean_train_image(tmp_path / "prepared" / "ds.h5"), mean)
+    for name, recon in {"shuffled_stimuli": gt[perm], "mean_train_image": np.broadcast_to(mean, gt.shape)}.items():
+        expected = metrics.ssim(gt, recon)
+        assert result["floors"][name]["ssim"]["mean"] == pytest.approx(float(np.mean(expected)), abs=1e-9), name
+        assert result["floors"][name]["pixcorr"]["n"] == len(TEST_INDEX)
+    # a picture of another stimulus never identifies its own image better than the true pair
+    assert result["floors"]["shuffled_stimuli"]["ident_vae"]["mean"] < 1.0
+
+
+def test_paired_difference_is_the_per_image_difference(tmp_path, assets):
+    cfg = _setup(tmp_path, assets)
+    out = ev.run(cfg, "ds")
+    result = json.loads((out / "metrics.json").read_text())
+    with open(out / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {pair: np.array([float(r["ssim"]) for r in rows if r["pair"] == pair]) for pair in ("same", "shuffled")}
+    diff = result["differences"]["same-shuffled"]["ssim"]
+    assert diff["mean"] == pytest.approx(float(np.mean(by["same"] - by["shuffled"])), abs=1e-12)
+    assert diff["ci_low"] > 0 and diff["n"] == len(TEST_INDEX)
+    # paired: the CI of the mean difference is the bootstrap of the differences, not of two independent means
+    expected = metrics.summarise(by["same"] - by["shuffled"], cfg.n_boot, cfg.ci_level, cfg.seed)
+    assert (diff["ci_low"], diff["ci_high"]) == pytest.approx((expected.ci_low, expected.ci_high), abs=1e-12)
+
+
+@pytest.mark.parametrize("differences, message", [((("same", "nope"),), "pair(s) ['nope'] are not in evaluate.pairs"),
+                                                  ((("same",),), "expected pairs of names [a, b]")])
+def test_differences_must_name_two_evaluated_pairs(tmp_path, assets, differences, message):
+    cfg = dataclasses.replace(_setup(tmp_path, assets), differences=differences)
+    with pytest.raises(ev.EvaluateError, match=re.escape(message)):
         ev.run(cfg, "ds")

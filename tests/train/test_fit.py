@@ -209,7 +209,7 @@ def test_main_fits_from_a_params_file(tmp_path, capsys):
     root = make_fake_data(tmp_path)
     section = {"prepared_dir": str(root / "prepared"), "targets_dir": str(root / "targets"),
                "models_dir": str(root / "models"), "results_dir": str(root / "results" / "fit"),
-               "threads": 1, "std_floor": 1e-6, "decoders": {"gcn-z": dict(DECODERS["gcn-z"], optim=dict(FAST_OPTIM, max_epochs=3))}}
+               "threads": 1, "std_floor": 1e-6, "device": "cpu", "decoders": {"gcn-z": dict(DECODERS["gcn-z"], optim=dict(FAST_OPTIM, max_epochs=3))}}
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"fit": section}))
     assert main(["--params", str(params), "--dataset", "fake", "--decoder", "gcn-z"]) == 0

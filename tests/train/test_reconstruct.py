@@ -114,3 +114,52 @@ def test_forward_diffusion_is_the_runtimes_bit_for_bit():
     np.testing.assert_array_equal(ours, numpy_scheduler.add_noise(x0, eps, t))
     theirs = torch_scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_loading_the_reference_prints_no_safety_checker_or_accelerate_notice(model_dir, capfd):
+    """diffusers' notices (#19) are avoided where they arise: requires_safety_checker=False and
+    low_cpu_mem_usage=False, what it falls back to without accelerate, stated; its logging stays on."""
+    rc.load_reference_pipeline(model_dir)
+    err = capfd.readouterr().err
+    assert "safety checker" not in err and "accelerate" not in err, err
+
+
+def test_the_ceiling_pair_reconstructs_the_test_images_true_targets(tmp_path, model_dir):
+    """The ceiling row of Table 4 is what a perfect decoder gives: the same images as a pair whose
+    predictions are exactly the test images' targets (in the test split's order, not the file's)."""
+    rng = np.random.default_rng(1)
+    z_all = rng.standard_normal((15, LATENT_CHANNELS, 4, 4)).astype(np.float32)
+    c_all = rng.standard_normal((15, T, TEXT_WIDTH)).astype(np.float32)
+    test_index = np.array([12, 10, 11, 10])  # not sorted, one image twice: rows must follow the split
+    (tmp_path / "targets").mkdir()
+    with h5py.File(tmp_path / "targets" / "ds.h5", "w") as f:
+        f["z"], f["c"], f["uncond"] = z_all, c_all, rng.standard_normal((T, TEXT_WIDTH)).astype(np.float32)
+    (tmp_path / "prepared").mkdir()
+    with h5py.File(tmp_path / "prepared" / "ds.h5", "w") as f:
+        f["splits/test/image_index"] = test_index
+    for name, rows in (("perfect-z", z_all[test_index]), ("perfect-c", c_all[test_index])):
+        (tmp_path / "decode" / "ds").mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp_path / "decode" / "ds" / f"{name}.h5", "w") as f:
+            f["pred"], f["image_index"] = rows, test_index
+    cfg = _config(tmp_path, model_dir, prepared_dir=str(tmp_path / "prepared"),
+                  pairs={"ceiling": rc.PairConfig(z=rc.TRUE_TARGETS, c=rc.TRUE_TARGETS),
+                         "perfect": rc.PairConfig(z="perfect-z", c="perfect-c")})
+    pred = rc.load_predictions(cfg, "ds", cfg.pairs["ceiling"])
+    np.testing.assert_array_equal(pred["image_index"], test_index)
+    np.testing.assert_array_equal(pred["z"], z_all[test_index])
+    np.testing.assert_array_equal(pred["c"], c_all[test_index])
+    ceiling, perfect = _images(rc.run(cfg, "ds", "ceiling")), _images(rc.run(cfg, "ds", "perfect"))
+    assert sorted(ceiling) == sorted(perfect) and len(ceiling) == 2 * len(test_index)
+    assert all(np.array_equal(ceiling[k], perfect[k]) for k in ceiling)
+
+
+def test_importing_the_pipeline_prints_no_torchvision_fallback_note():
+    """transformers' note about its image processors (unused here) is dropped; its other messages are not."""
+    import subprocess
+    import sys
+
+    code = ("import brainldm.train.reconstruct\n"
+            "from transformers.utils import logging\n"
+            "logging.get_logger('transformers.utils.import_utils').warning('another note')\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stderr
+    assert "requires torchvision" not in err and "another note" in err

@@ -129,8 +129,8 @@ def _vae_round_trip_pixcorr(cfg: L.TrainLdmConfig) -> float:
 
 
 def test_bad_settings(tmp_path, capsys):
-    with pytest.raises(ValueError, match="device"):
-        L.resolve_device("gpu")
+    with pytest.raises(ValueError, match="train_ldm.device: got 'gpu', expected 'cpu', 'cuda' or 'auto'"):
+        L.train(tiny_config(tmp_path, device="gpu"))
     params = tmp_path / "params.yaml"
     cfg = tiny_config(tmp_path)
     section = config_to_dict(dataclasses.replace(cfg, seed=3, eval=dataclasses.replace(cfg.eval, seed=3),
