@@ -25,15 +25,16 @@ def _brute_force(X, Y, alphas, fold_id):
     eye = np.eye(X.shape[1])
     mse = np.zeros((len(alphas), Y.shape[1]))
     r2 = np.zeros_like(mse)
-    for f in range(N_FOLDS):
+    n_folds = int(fold_id.max()) + 1
+    for f in range(n_folds):
         tr, va = fold_id != f, fold_id == f
         x_mean, y_mean = Xs[tr].mean(0), Y[tr].mean(0)
         Xt, Yt = Xs[tr] - x_mean, Y[tr] - y_mean
         for a, alpha in enumerate(alphas):
             beta = np.linalg.solve(Xt.T @ Xt + alpha * eye, Xt.T @ Yt)
             err = Y[va] - ((Xs[va] - x_mean) @ beta + y_mean)
-            mse[a] += (err ** 2).mean(0) / N_FOLDS
-            r2[a] += (1 - (err ** 2).sum(0) / ((Y[va] - Y[va].mean(0)) ** 2).sum(0)) / N_FOLDS
+            mse[a] += (err ** 2).mean(0) / n_folds
+            r2[a] += (1 - (err ** 2).sum(0) / ((Y[va] - Y[va].mean(0)) ** 2).sum(0)) / n_folds
     best = mse.argmin(0)
     Yc = Y - Y.mean(0)
     coef = np.stack([np.linalg.solve(Xs.T @ Xs + alphas[b] * eye, Xs.T @ Yc[:, k])

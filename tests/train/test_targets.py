@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -123,11 +124,16 @@ def test_bad_inputs(tmp_path, model):
 
 
 def test_main_reports_errors(tmp_path, model, capsys):
+    import yaml
+
+    section = yaml.safe_load((Path(__file__).parents[2] / "params.yaml").read_text())["targets"]
+    section.update(model=str(tmp_path / "missing"), prepared_dir=str(tmp_path))
     params = tmp_path / "params.yaml"
-    params.write_text(f"targets:\n  model: {tmp_path / 'missing'}\n  prepared_dir: {tmp_path}\n")
+    params.write_text(yaml.safe_dump({"targets": section}))
     write_prepared(tmp_path)
     assert targets.main(["--params", str(params), "--dataset", "toy"]) == 1
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "missing") in err and "Traceback" not in err
 
 
 def _vae_latents_by_hand(model, images: np.ndarray, resolution: int):
@@ -163,3 +169,20 @@ def test_z_is_the_vaes_own_encoding_times_the_scaling_factor(tmp_path, model):
     # the sampling noise of image i: numpy stream (seed, i), as the stage documents
     eps = np.stack([np.random.default_rng([seed, i]).standard_normal(mean.shape[1:]) for i in range(N)])
     np.testing.assert_allclose(z_sample, sf * (mean + std * eps.astype(np.float32)), rtol=0, atol=1e-5)
+
+
+def test_main_reads_its_own_section_of_the_named_params_for_the_named_dataset(tmp_path, model, capsys, monkeypatch):
+    import yaml
+
+    section = yaml.safe_load((Path(__file__).parents[2] / "params.yaml").read_text())["targets"]  # every key is required
+    section.update(model=str(model), prepared_dir=str(tmp_path / "prepared"))
+    params = tmp_path / "my-params.yaml"
+    params.write_text(yaml.safe_dump({"targets": section}))
+    assert targets.main(["--params", str(params), "--dataset", "nope"]) == 1
+    assert f"prepared dataset not found: {tmp_path / 'prepared' / 'nope.h5'} (" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        targets.main(["--params", str(params)])
+    assert exit_info.value.code == 2 and "--dataset" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the default params file is ./params.yaml
+    assert targets.main(["--dataset", "nope"]) == 1
+    assert "error: params file not found: params.yaml (" in capsys.readouterr().err
