@@ -23,5 +23,7 @@ pip_install() {
 }
 pip_install --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
 # torch is pinned to 2.13.0 (the CPU build); the constraints file pins everything else.
-pip_install -c requirements/constraints.txt -e ".[train,dev,ray]"
+# A second --quiet (errors only) for this step: setuptools' editable build otherwise prints a
+# warning box about same-named folders on every fresh install, which no user can act on.
+pip_install --quiet -c requirements/constraints.txt -e ".[train,dev,ray]"
 echo "$wanted" > "$stamp"
