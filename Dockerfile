@@ -128,7 +128,7 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
  && wheel="$(echo /opt/dist/brainldm-*.whl)" \
  && /opt/build/bin/pip --python /opt/venv/bin/python install --no-cache-dir -c /src/constraints.txt "${wheel}[train]" "${TORCH_PACKAGE}" \
  && /opt/venv/bin/dvc --version > /dev/null \
- && torch_version="$(/opt/venv/bin/python -c 'import torch, diffusers, brainldm.train.prepare, brainldm.export.export; print(torch.__version__)')" \
+ && torch_version="$(/opt/venv/bin/python -c 'import torch, diffusers, brainldm.train.data.prepare, brainldm.export.export; print(torch.__version__)')" \
  && echo "torch ${torch_version}" \
  && [[ "torch==${torch_version}" == "${TORCH_PACKAGE}" ]]
 

@@ -73,8 +73,8 @@ def random_bundle(root: Path, name: str, vae, unet, steps: int, **export_overrid
     import torch
 
     from brainldm.export.export import ExportConfig, build_bundle
-    from brainldm.train import decoders
-    from brainldm.train.reconstruct import PairConfig, ReconstructConfig
+    from brainldm.train.decoding import decoders
+    from brainldm.train.reconstruction.reconstruct import PairConfig, ReconstructConfig
 
     width = int(unet.config.cross_attention_dim)
     save_random_model(root / name, vae, unet)
@@ -118,7 +118,7 @@ def build_small_ldm_bundle(root: Path, steps: int, params: Path = Path("params.y
     import torch
 
     from brainldm.train.config import load_config
-    from brainldm.train.train_ldm import TrainLdmConfig, build_models
+    from brainldm.train.ldm.train_ldm import TrainLdmConfig, build_models
 
     torch.manual_seed(0)
     vae, _, unet = build_models(load_config(TrainLdmConfig, "train_ldm", params), vocab_size=1000, bos=0, eos=1)

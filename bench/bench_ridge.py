@@ -1,4 +1,4 @@
-"""Benchmark: brainldm ridge (train/ridge.py) vs himalaya RidgeCV on NSD-shaped random data.
+"""Benchmark: brainldm ridge (train/decoding/ridge.py) vs himalaya RidgeCV on NSD-shaped random data.
 
 Both fits see the same float32 data (a planted linear signal plus noise, voxels with
 offsets and scales, targets with offsets), the same alpha grid, the same 5 contiguous
@@ -91,7 +91,7 @@ def child_main(which: str, folder: Path, alphas: list[float]) -> None:
 
 
 def _fit_ours(X, Y, alphas):
-    from brainldm.train import ridge
+    from brainldm.train.decoding import ridge
 
     model = ridge.fit_ridge_cv(X, Y, alphas, n_folds=N_FOLDS, target_chunk=TARGET_BATCH, progress=False)
     return model.predict, model.alpha_per_target
@@ -102,7 +102,7 @@ def _fit_himalaya(X, Y, alphas):
     from himalaya.backend import set_backend
     from himalaya.ridge import RidgeCV
 
-    from brainldm.train import ridge
+    from brainldm.train.decoding import ridge
 
     set_backend("numpy", on_error="raise")
     mean, std = ridge._column_stats(X)  # the same standardisation as ours, inside the timing

@@ -132,13 +132,13 @@ def _time_reference_stages(pipe, predictors: dict, timers: Timers) -> None:
 
 
 def worker_reference(args) -> dict:
-    """The other side: torch decoders + diffusers img2img (train/reconstruct.py's arithmetic)."""
+    """The other side: torch decoders + diffusers img2img (train/reconstruction/reconstruct.py's arithmetic)."""
     start = time.perf_counter()
     import numpy as np
     import torch
 
-    from brainldm.train import decoders
-    from brainldm.train.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
+    from brainldm.train.decoding import decoders
+    from brainldm.train.reconstruction.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
 
     torch.set_num_threads(max(args.threads, 1))
     manifest = read_manifest(Path(args.bundle))

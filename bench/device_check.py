@@ -5,7 +5,7 @@
 
 1. ``pytest -m gpu`` (pyproject's addopts is only ``-ra``: nothing deselects the gpu tests; without
    CUDA, tests/conftest.py skips them, so there the counts say "skipped"): pass/fail counts from JUnit XML.
-2. The reference reconstruction, train/reconstruct.py's ``load_reference_pipeline`` and
+2. The reference reconstruction, train/reconstruction/reconstruct.py's ``load_reference_pipeline`` and
    ``reconstruct_batch`` (what the reconstruct stage runs), on SD v1.4's UNet and VAE built from
    their published configs (bench/bench_bundles.py) with random weights, nothing downloaded, at 512 px
    in float16 on CUDA, batches 1, 4 and 16, with params.yaml's steps, strength and guidance; images/s,
@@ -123,7 +123,7 @@ def reference_inputs(pipe, batch: int, seed: int = 0):
     """z (B, 4, h, w), c (B, 77, D) and uncond (77, D) float32 standard normal, shaped to ``pipe``."""
     import numpy as np
 
-    from brainldm.train.reconstruct import native_resolution
+    from brainldm.train.reconstruction.reconstruct import native_resolution
 
     side = native_resolution(pipe) // int(pipe.vae_scale_factor)
     width = int(pipe.unet.config.cross_attention_dim)
@@ -139,7 +139,7 @@ def time_reference(folder: Path, cfg, batches, repeats: int) -> dict:
     import torch
 
     from brainldm.train.compute_options import stage_device_dtype
-    from brainldm.train.reconstruct import load_reference_pipeline, native_resolution, reconstruct_batch
+    from brainldm.train.reconstruction.reconstruct import load_reference_pipeline, native_resolution, reconstruct_batch
 
     device, dtype = stage_device_dtype("device_check", cfg.device, cfg.dtype)
     start = time.perf_counter()
@@ -165,11 +165,11 @@ def time_reference(folder: Path, cfg, batches, repeats: int) -> dict:
 
 
 def reference_benchmark(params: Path, dry: bool, repeats: int) -> dict:
-    """Part 2: the SD v1.4-architecture reference (random weights) timed through train/reconstruct.py."""
+    """Part 2: the SD v1.4-architecture reference (random weights) timed through train/reconstruction/reconstruct.py."""
     from dataclasses import replace
 
     from brainldm.train.config import load_config
-    from brainldm.train.reconstruct import ReconstructConfig
+    from brainldm.train.reconstruction.reconstruct import ReconstructConfig
 
     cfg = load_config(ReconstructConfig, "reconstruct", params)
     device, dtype, batches = ("cpu", "float32", DRY_BATCHES) if dry else ("cuda", "float16", GPU_BATCHES)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from brainldm.runtime.atomic import write_text_atomic
-from brainldm.train import ldm_eval as E
-from brainldm.train import train_ldm as T
+from brainldm.train.ldm import held_out as E
+from brainldm.train.ldm import train_ldm as T
 from brainldm.train.config import load_config
 
 KEYS = ("img2img_pixcorr", "img2img_colour_acc", "swapped_pixcorr", "swapped_colour_acc", "vae_pixcorr")

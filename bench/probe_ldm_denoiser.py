@@ -17,22 +17,20 @@ from pathlib import Path
 import torch
 
 from brainldm.runtime.atomic import write_text_atomic
-from brainldm.runtime.generation import to_uint8
-from brainldm.train import ldm_eval as E
-from brainldm.train import scenes
-from brainldm.train import train_ldm as T
+from brainldm.train.ldm import held_out as E
+from brainldm.train.simulation import scenes
+from brainldm.train.ldm import train_ldm as T
 from brainldm.train.config import load_config
-from brainldm.train.image_model import load_image_model
-from brainldm.train.targets import TargetsConfig, encode_texts
+from brainldm.train.ldm.image_model import load_image_model, pixels_to_vae, vae_to_uint8
+from brainldm.train.decoding.targets import TargetsConfig, encode_texts
+from brainldm.train.reconstruction.reconstruct import load_reference_pipeline
 
 DEFAULT_OUT = Path("bench/results/probe_ldm_denoiser.json")
 
 
 def decode_uint8(pipe, latents: torch.Tensor):
-    """Scaled latents (N, C, h, w) -> images (N, S, S, 3) uint8: [-1, 1] -> [0, 1] as diffusers' postprocess,
-    then the pipeline's own quantisation."""
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return to_uint8((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    """Scaled latents (N, C, h, w) -> images (N, S, S, 3) uint8, as the pipelines quantise them."""
+    return vae_to_uint8(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample)
 
 
 @torch.no_grad()
@@ -41,7 +39,7 @@ def probe(model: str, n_images: int, timesteps: list[int], scales: list[float]) 
     # 1. Held-out scenes (train_ldm's eval seed), their z (posterior mean x scaling) and mean-caption c.
     gt, captions, _, _ = scenes.generate(n_images, cfg.eval.seed, cfg.image_size, cfg.n_captions)
     pipe = load_image_model(model, device="cpu")
-    z = pipe.vae.encode(T.to_tensor(gt)).latent_dist.mean * pipe.vae.config.scaling_factor
+    z = pipe.vae.encode(pixels_to_vae(gt)).latent_dist.mean * pipe.vae.config.scaling_factor
     c, uncond = (torch.from_numpy(a) for a in encode_texts(pipe, captions, TargetsConfig()))
     uncond = uncond.expand(n_images, -1, -1)
     abar = pipe.scheduler.alphas_cumprod
@@ -57,8 +55,10 @@ def probe(model: str, n_images: int, timesteps: list[int], scales: list[float]) 
             x0 = (z_t - (1 - abar[t]).sqrt() * (eps_u + w * (eps_c - eps_u))) / abar[t].sqrt()
             out["x0_hat_pixcorr"][f"t{t}_w{w:g}"] = E.mean_pixcorr(gt, decode_uint8(pipe, x0))
     # 3. Full img2img as the train_ldm stage runs it, at each guidance scale.
-    out["img2img_pixcorr"] = {f"w{w:g}": E.mean_pixcorr(gt, E.img2img(pipe, z, c, uncond[:1], dataclasses.replace(
-        cfg.eval, guidance=w))) for w in scales + [3.0]}
+    reference = load_reference_pipeline(model)
+    out["img2img_pixcorr"] = {f"w{w:g}": E.mean_pixcorr(gt, E.img2img(
+        reference, z.numpy(), c.numpy(), uncond[0].numpy(), dataclasses.replace(cfg.eval, guidance=w)))
+        for w in scales + [3.0]}
     return out
 
 

@@ -33,9 +33,10 @@ from tqdm import tqdm
 from brainldm.export import onnx_models, tensorrt_engines
 from brainldm.runtime import bundle_format as bf
 from brainldm.runtime.atomic import atomic_path, write_text_atomic
-from brainldm.train import decoders
+from brainldm.train.decoding import decoders
 from brainldm.train.config import ConfigError, config_to_record, load_config, run_stage
-from brainldm.train.reconstruct import PairConfig, ReconstructConfig, load_reference_pipeline, native_resolution
+from brainldm.train.reconstruction.reconstruct import (PairConfig, ReconstructConfig, check_encode_mode,
+                                                       load_reference_pipeline, native_resolution)
 
 GRAPH_DTYPE = "float32"  # of every graph's main file (the fp16 variants are listed apart)
 INPUT_LAYOUT = "betas (n, n_voxels) float32 raw responses, columns in voxel_ids order; one session per row"
@@ -214,8 +215,7 @@ def build_bundle(cfg: ExportConfig, rc: ReconstructConfig, dataset: str, pair_na
     """Export the pair ``pair_name`` of ``rc.pairs`` for ``dataset``; returns the bundle folder."""
     if pair_name not in rc.pairs:
         raise ConfigError(f"unknown pair '{pair_name}'; configured pairs (reconstruct.pairs): {sorted(rc.pairs)}")
-    if rc.encode_mode not in ("sample", "mean"):
-        raise ConfigError(f"reconstruct.encode_mode must be 'sample' or 'mean', got {rc.encode_mode!r}")
+    check_encode_mode(rc.encode_mode, "reconstruct.encode_mode")
     # 1. Inputs: prepared layout, decoders, image model, unconditional states.
     prepared = read_prepared(Path(cfg.prepared_dir) / f"{dataset}.h5")
     checkpoints = load_pair(cfg, dataset, rc.pairs[pair_name])

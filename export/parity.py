@@ -31,10 +31,10 @@ from brainldm.runtime.atomic import write_text_atomic
 from brainldm.runtime.bundle_format import DECODER_KEYS
 from brainldm.runtime.generation import to_uint8
 from brainldm.runtime.reconstructor import Reconstructor
-from brainldm.train import decode, decoders
+from brainldm.train.decoding import decode, decoders
 from brainldm.train.compute_options import stage_device_dtype
 from brainldm.train.config import ConfigError, config_to_record, execution_option, load_config, run_stage
-from brainldm.train.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
+from brainldm.train.reconstruction.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
 
 GENERATION_KEYS = ("steps", "strength", "guidance", "encode_mode")
 LOW_PRECISION_BACKENDS = ("ort-trt", "tensorrt")

@@ -1,4 +1,4 @@
-"""What the reference reconstruction (train/reconstruct.py) and the runtime must compute alike.
+"""What the reference reconstruction (train/reconstruction/reconstruct.py) and the runtime must compute alike.
 
 The seeded noise: every (seed, item, sample, stream) draws its own numpy stream, so that
 the lean runtime (no torch) reproduces the reference's noise exactly and the composition

@@ -1,6 +1,6 @@
 """Runtime preprocessing: raw betas -> z-scored, repeat-averaged decoder inputs; image resizing.
 
-The arithmetic is the prepare stage's (train/prepare.py ``normalise`` and
+The arithmetic is the prepare stage's (train/data/prepare.py ``normalise`` and
 ``average_images``), so raw test trials reproduce the prepared test split:
 
     z = (betas - mean[session]) / std[session]          float32, per trial

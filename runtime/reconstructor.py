@@ -1,6 +1,6 @@
 """Batched reconstruction from raw betas with a bundle: no torch, no tokenizer, no text encoder.
 
-Mirrors the reference (train/reconstruct.py, diffusers' StableDiffusionImg2ImgPipeline
+Mirrors the reference (train/reconstruction/reconstruct.py, diffusers' StableDiffusionImg2ImgPipeline
 with DDIM, eta = 0) step by step; see ``Reconstructor.generate``. Noise is drawn with
 numpy from (seed, item, sample, stream) by ``generation.numpy_noise``, the function the
 reference draws its noise with, so the same inputs give the same images, whatever the

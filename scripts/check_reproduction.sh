@@ -15,12 +15,16 @@ git clone --quiet --no-hardlinks "$src" "$clone"
 cd "$clone"
 echo "check_reproduction: clone of $(git rev-parse --short HEAD) in $clone; main job log: $work/reproduce.log"
 start=$(date +%s)
-if ! scripts/reproduce.sh > "$work/reproduce.log" 2>&1; then
+# Each log line gets the epoch second it was written, so that every stage's wall time can be read.
+stamp() { while IFS= read -r line; do printf '%(%s)T %s\n' -1 "$line"; done; }
+if ! scripts/reproduce.sh 2>&1 | stamp > "$work/reproduce.log"; then
     tail -n 30 "$work/reproduce.log" >&2
     echo "check_reproduction: the main job failed (log: $work/reproduce.log)" >&2
     exit 1
 fi
-echo "check_reproduction: main job done in $(( $(date +%s) - start )) s"
+echo "check_reproduction: main job done in $(( $(date +%s) - start )) s; seconds per stage (until the next starts):"
+awk -v end="$(date +%s)" '/Running stage/ { if (name) printf "  %5d  %s\n", $1 - t, name; t = $1; name = $4 }
+    END { if (name) printf "  %5d  %s\n", end - t, name }' "$work/reproduce.log" | tr -d "':"
 echo "--- dvc metrics diff (committed -> reproduced) ---"
 .venv/bin/dvc metrics diff HEAD || true
 echo "--- stage outputs against the committed dvc.lock ---"

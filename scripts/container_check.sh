@@ -196,7 +196,7 @@ else
     [[ -z "${entrypoint[*]}" ]] || { log "artifact entrypoint is '${entrypoint[*]}' (expected none)"; status=1; }
     dvc_version="$("${B[@]}" run --isolation chroot "$ctr" -- dvc --version)"
     imports="$("${B[@]}" run --isolation chroot "$ctr" -- python -c \
-        'import torch, diffusers, onnxruntime, brainldm.train.prepare, brainldm.export.export, brainldm.runtime.cli; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, onnxruntime {onnxruntime.__version__}")')"
+        'import torch, diffusers, onnxruntime, brainldm.train.data.prepare, brainldm.export.export, brainldm.runtime.cli; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, onnxruntime {onnxruntime.__version__}")')"
     if (( run_pipeline )); then
         cmd_json="$("${P[@]}" image inspect --format '{{json .Config.Cmd}}' "$image")"
         mapfile -t cmd < <("$venv_python" -c 'import json, sys; print("\n".join(json.loads(sys.argv[1])))' "$cmd_json")

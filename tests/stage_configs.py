@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from brainldm.export.export import ExportConfig
 from brainldm.export.parity import ParityConfig
-from brainldm.train.attribute_classifier import AttributeClassifierConfig
-from brainldm.train.decode import DecodeConfig
-from brainldm.train.evaluate import EvaluateConfig
-from brainldm.train.fit import FitConfig
-from brainldm.train.prepare import PrepareConfig
-from brainldm.train.reconstruct import ReconstructConfig
-from brainldm.train.report import ReportConfig
-from brainldm.train.simulate import SimulateConfig
-from brainldm.train.targets import TargetsConfig
-from brainldm.train.train_ldm import TrainLdmConfig
+from brainldm.train.evaluation.attribute_classifier import AttributeClassifierConfig
+from brainldm.train.decoding.decode import DecodeConfig
+from brainldm.train.evaluation.evaluate import EvaluateConfig
+from brainldm.train.decoding.fit import FitConfig
+from brainldm.train.data.prepare import PrepareConfig
+from brainldm.train.reconstruction.reconstruct import ReconstructConfig
+from brainldm.train.evaluation.report import ReportConfig
+from brainldm.train.simulation.simulate import SimulateConfig
+from brainldm.train.decoding.targets import TargetsConfig
+from brainldm.train.ldm.train_ldm import TrainLdmConfig
 
 STAGE_CONFIGS = {
     "simulate": SimulateConfig, "prepare": PrepareConfig, "train_ldm": TrainLdmConfig, "targets": TargetsConfig,

@@ -278,7 +278,7 @@ def test_dockerignore_keeps_out(path):
 
 
 @pytest.mark.parametrize("path", [
-    "pyproject.toml", "README.md", "requirements/constraints.txt", "train/prepare.py", "export/export.py",
+    "pyproject.toml", "README.md", "requirements/constraints.txt", "train/data/prepare.py", "export/export.py",
     "runtime/cli.py", "dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore",
     "dvc-store/files/md5/00/6b46d58dbf07ae19ce3d88882a932e", "scripts/artifact_reproduce.sh",
 ])

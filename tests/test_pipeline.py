@@ -84,10 +84,10 @@ def tiny_repo(tmp_path_factory) -> Path:
     _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
     # the raw data as the (pinned) simulate stage regenerates it when it verifies the data
     pinned = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["pinned"].split()
-    _run([*pinned, sys.executable, "-m", "brainldm.train.simulate"], repo)
+    _run([*pinned, sys.executable, "-m", "brainldm.train.simulation.simulate"], repo)
     _run([sys.executable, "-m", "dvc", "add", "-q", "data/raw"], repo)
     # The tiny LDM, trained as scripts/retrain_ldm.sh does (its stage is frozen: dvc repro never runs it).
-    _run([sys.executable, "-m", "brainldm.train.train_ldm"], repo)
+    _run([sys.executable, "-m", "brainldm.train.ldm.train_ldm"], repo)
     _run([sys.executable, "-m", "dvc", "commit", "--force", "-q", "train_ldm"], repo)
     return repo
 
@@ -129,7 +129,7 @@ def test_changing_one_param_reruns_only_its_dependents(tiny_repo):
 def test_a_change_to_a_module_the_ldm_imports_never_retrains_it(tiny_repo):
     dvc = [sys.executable, "-m", "dvc"]
     _run([*dvc, "repro"], tiny_repo)
-    shared = tiny_repo / "train" / "metrics.py"  # imported by train_ldm's evaluation and by later stages
+    shared = tiny_repo / "train" / "evaluation" / "metrics.py"  # imported by train_ldm's evaluation and by later stages
     original = shared.read_text()
     try:
         shared.write_text(original + "\n# edited\n")

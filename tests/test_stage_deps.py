@@ -58,9 +58,12 @@ def imported_files(module: str, root: Path = ROOT) -> set[Path]:
         if path in seen:
             continue
         seen.add(path)
-        init = path.parent / "__init__.py"
-        if init.is_file():
-            todo.append(init)
+        # Importing a.b.c runs the __init__ of every package above it.
+        for package in path.parents:
+            if package == root:
+                break
+            if (package / "__init__.py").is_file():
+                todo.append(package / "__init__.py")
         for name in _imported_names(path):
             target = module_file(name, root)
             if target is not None and target.is_file():
@@ -109,9 +112,9 @@ def test_every_imported_project_file_is_a_dep(name):
 def test_the_check_fails_when_a_dep_is_removed():
     stage = dict(STAGES["fit"])
     files = imported_files(stage_module(stage))
-    assert "train/metrics.py" in {str(f) for f in files}
-    stage["deps"] = [d for d in stage["deps"] if d != "train/metrics.py"]
-    assert uncovered(stage, files) == ["train/metrics.py"]
+    assert "train/evaluation/metrics.py" in {str(f) for f in files}
+    stage["deps"] = [d for d in stage["deps"] if d != "train/evaluation/metrics.py"]
+    assert uncovered(stage, files) == ["train/evaluation/metrics.py"]
 
 
 def test_lazy_imports_inside_functions_are_followed(tmp_path):
@@ -122,3 +125,12 @@ def test_lazy_imports_inside_functions_are_followed(tmp_path):
     (tmp_path / "train" / "c.py").write_text("x = 1\n")
     found = {str(p) for p in imported_files("brainldm.train.a", tmp_path)}
     assert found == {"train/__init__.py", "train/a.py", "train/b.py", "train/c.py"}
+
+
+def test_every_package_init_above_a_module_is_followed(tmp_path):
+    (tmp_path / "train" / "sub").mkdir(parents=True)
+    (tmp_path / "train" / "__init__.py").write_text("")
+    (tmp_path / "train" / "sub" / "__init__.py").write_text("")
+    (tmp_path / "train" / "sub" / "a.py").write_text("x = 1\n")
+    found = {str(p) for p in imported_files("brainldm.train.sub.a", tmp_path)}
+    assert found == {"train/__init__.py", "train/sub/__init__.py", "train/sub/a.py"}

@@ -13,7 +13,7 @@ import pytest
 from brainldm.export import parity
 from brainldm.export.export import ExportConfig, build_bundle
 from brainldm.train.config import load_config
-from brainldm.train.reconstruct import ReconstructConfig
+from brainldm.train.reconstruction.reconstruct import ReconstructConfig
 from tests.dvc_store import ROOT, materialize
 from tests.export.tiny_bundle import DATASET, PAIR, TEST_IMAGES, make_configs
 

@@ -54,7 +54,7 @@ def test_bundle_holds_checked_graphs_arrays_and_hashes(built):
 def test_manifest_scheduler_drives_the_numpy_ddim(built):
     _, _, rc, bundle = built
     m = json.loads((bundle / "manifest.json").read_text())
-    from brainldm.train.reconstruct import load_reference_pipeline
+    from brainldm.train.reconstruction.reconstruct import load_reference_pipeline
 
     sched = DDIMScheduler.from_config(m["scheduler"]["config"])
     alphas = np.load(bundle / m["scheduler"]["alphas_cumprod"])

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from brainldm.export import export as ex
-from brainldm.train import decoders
-from brainldm.train.reconstruct import PairConfig, ReconstructConfig
+from brainldm.train.decoding import decoders
+from brainldm.train.reconstruction.reconstruct import PairConfig, ReconstructConfig
 from tests.tiny_models import LATENT_CHANNELS, TEXT_WIDTH, save_tiny_pipeline
 
 DATASET, PAIR = "ds", "ours"

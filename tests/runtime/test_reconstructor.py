@@ -4,7 +4,7 @@ import pytest
 from brainldm.runtime import generation
 from brainldm.runtime import reconstructor as rr
 from brainldm.runtime.backends import BackendError
-from brainldm.train import reconstruct as reference
+from brainldm.train.reconstruction import reconstruct as reference
 from tests.export.tiny_bundle import TEST_IMAGES, build_tiny_bundle, raw_test
 
 

@@ -1,6 +1,6 @@
-"""Tiny NSD and THINGS-fMRI fixtures in the REAL on-disk formats (the layouts train/nsd.py and train/things.py read).
+"""Tiny NSD and THINGS-fMRI fixtures in the REAL on-disk formats (the layouts train/data/nsd.py and train/data/things.py read).
 
-Written independently of train/simulate.py: every value is known to the test, so
+Written independently of train/simulation/simulate.py: every value is known to the test, so
 loaders can be checked exactly (trial -> image mapping, transposes, scaling, ROIs).
 """
 from __future__ import annotations

@@ -13,15 +13,15 @@ import yaml
 from PIL import Image
 
 from brainldm.export import parity
-from brainldm.train import reconstruct as rc
+from brainldm.train.reconstruction import reconstruct as rc
 from brainldm.train.compute_options import stage_device_dtype, stage_dtype
 from brainldm.train.config import config_to_dict, config_to_record, load_config
-from brainldm.train.decode import DecodeConfig, decode
-from brainldm.train.decode import main as decode_main
-from tests.train.test_decode import decode_config
-from tests.train.test_fit import fit_config, make_fake_data
-from tests.train.test_reconstruct import _config as reconstruct_config
-from tests.train.test_reconstruct import _write_inputs as write_reconstruct_inputs
+from brainldm.train.decoding.decode import DecodeConfig, decode
+from brainldm.train.decoding.decode import main as decode_main
+from tests.train.decoding.test_decode import decode_config
+from tests.train.decoding.test_fit import fit_config, make_fake_data
+from tests.train.reconstruction.test_reconstruct import _config as reconstruct_config
+from tests.train.reconstruction.test_reconstruct import _write_inputs as write_reconstruct_inputs
 from tests.tiny_models import save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def _pngs(folder: Path) -> np.ndarray:
 
 @pytest.mark.gpu
 def test_decode_on_cuda_matches_cpu(tmp_path):
-    from brainldm.train.fit import fit
+    from brainldm.train.decoding.fit import fit
 
     root = make_fake_data(tmp_path)
     fit(fit_config(root), "fake", "cnn-z")

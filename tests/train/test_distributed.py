@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from brainldm.train import distributed
-from brainldm.train.decoders import load_checkpoint
-from brainldm.train.fit import fit, main
-from tests.train.test_fit import DECODERS, FAST_OPTIM, fit_config, make_fake_data
+from brainldm.train.decoding.decoders import load_checkpoint
+from brainldm.train.decoding.fit import fit, main
+from tests.train.decoding.test_fit import DECODERS, FAST_OPTIM, fit_config, make_fake_data
 
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 DEVICE_ERROR = r"fit\.device: got {!r}, expected 'cpu', 'cuda' or 'auto'"

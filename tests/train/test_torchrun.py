@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from brainldm.train.config import config_to_dict
-from brainldm.train.decoders import load_checkpoint
-from brainldm.train.fit import fit
-from tests.train.test_fit import DECODERS, fit_config, make_fake_data
+from brainldm.train.decoding.decoders import load_checkpoint
+from brainldm.train.decoding.fit import fit
+from tests.train.decoding.test_fit import DECODERS, fit_config, make_fake_data
 
 LAUNCH_TIMEOUT_S = 150  # measured 35 s (fit) and 32 s (train_ldm) on 2 loaded cores
 NETWORKS = ("cnn-z", "vae-z", "gcn-z")
@@ -51,10 +51,10 @@ def _logged(src, dst, *args, **kwargs):
 os.replace = _logged
 '''
 
-# What `python -m brainldm.train.fit` runs (main), once per decoder: one launch pays the imports once.
+# What `python -m brainldm.train.decoding.fit` runs (main), once per decoder: one launch pays the imports once.
 FIT_DRIVER = '''
 import sys
-from brainldm.train.fit import main
+from brainldm.train.decoding.fit import main
 
 for decoder in sys.argv[2:]:
     if main(["--params", sys.argv[1], "--dataset", "fake", "--decoder", decoder]):
@@ -118,13 +118,13 @@ def test_fit_cnn_vae_gcn_under_torchrun(tmp_path):
 
 
 def test_train_ldm_under_torchrun(tmp_path):
-    from brainldm.train import train_ldm as L
-    from tests.train.test_train_ldm import tiny_config
+    from brainldm.train.ldm import train_ldm as L
+    from tests.train.ldm.test_train_ldm import tiny_config
 
     out = tmp_path / "out"
     params = tmp_path / "params.yaml"
     params.write_text("train_ldm: " + json.dumps(config_to_dict(tiny_config(out))))
-    stdout, writes = torchrun(tmp_path, "-m", "brainldm.train.train_ldm", "--params", str(params))
+    stdout, writes = torchrun(tmp_path, "-m", "brainldm.train.ldm.train_ldm", "--params", str(params))
     assert {rank for rank, _ in writes} == {"0"}
     # the pipeline folder (renamed whole), its metrics and the stage's metrics, once each (names
     # starting with "." are files the libraries rename inside the temporary folder)
