@@ -25,7 +25,9 @@ import tables
 from PIL import Image
 
 MAT_HEADER_BYTES = 116  # the free-text description field of a MATLAB 5 file header
-MAT_DESCRIPTION = b"MATLAB 5.0 MAT-file, written by brainldm.train.simulation.simulate"
+# The header of the versioned raw data (data.dvc), kept byte for byte: it names the module by its
+# path before train/ had subpackages (now brainldm.train.simulation.simulate).
+MAT_DESCRIPTION = b"MATLAB 5.0 MAT-file, written by brainldm.train.simulate"
 GZIP_LEVEL = 6
 HDF5_GZIP_LEVEL = 4  # level 4 + byte shuffle: most of level 9's ratio at a fraction of its time
 PANDAS_COMPLEVEL = 4  # zlib 9 is 20x slower on float tables for 3% less
