@@ -43,7 +43,8 @@ MIN_TRAIN_BATCH = 2  # BatchNorm needs > 1 sample per batch in training mode
 RIDGE_FOLD_TOL = 1e-4  # folded float32 linear layer vs RidgeModel.predict
 
 
-def _arch(entry: DecoderConfig) -> dict:
+def decoder_arch(entry: DecoderConfig) -> dict:
+    """The constructor sizes (and, for vae, loss weights) of the entry's own kind, as a dict."""
     return config_to_dict(getattr(entry, entry.kind))
 
 
@@ -89,7 +90,7 @@ def load_fit_data(config: FitConfig, dataset: str, entry: DecoderConfig) -> FitD
         edge_index, edge_weight, node_rois = read_graph(prepared)
         graph = (edge_index, edge_weight)
     spec = DecoderSpec(kind=entry.kind, target=entry.target, target_shape=tuple(y_tr.shape[1:]),
-                       input_rois=tuple(entry.input_rois), roi_sizes=tuple(sizes), arch=_arch(entry),
+                       input_rois=tuple(entry.input_rois), roi_sizes=tuple(sizes), arch=decoder_arch(entry),
                        node_rois=node_rois)
     y_tr, y_va = y_tr.reshape(len(y_tr), -1), y_va.reshape(len(y_va), -1)
     # statistics of training targets only (a test or val image never contributes)
@@ -221,12 +222,12 @@ def fit(config: FitConfig, dataset: str, decoder: str) -> dict:
         raise ValueError(f"fit.decoders.{decoder}: ridge is solved in closed form, not trained with DDP; "
                          "run it without torchrun")
     distributed.join_process_group(device)
-    with _deterministic(config.threads, device):
+    with deterministic(config.threads, device):
         return _fit(config, dataset, decoder, entry, device)
 
 
 @contextlib.contextmanager
-def _deterministic(threads: int, device: torch.device) -> Iterator[None]:
+def deterministic(threads: int, device: torch.device) -> Iterator[None]:
     """Fixed CPU threads and deterministic kernels while fitting; the caller's settings are restored."""
     previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                 torch.utils.deterministic.fill_uninitialized_memory)

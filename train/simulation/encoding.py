@@ -186,6 +186,19 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0, x)
 
 
+def nonlinear_response(drive: np.ndarray, gain: float, threshold: float = 0.0) -> np.ndarray:
+    """The voxels' output nonlinearity: z(softplus(gain * (z(drive) - threshold))), z = z-score
+    over images.
+
+    ``drive (N, V)`` -> ``(N, V)``. Near-linear for gain -> 0 (softplus' curvature ~ gain/4 on
+    standardised drive); rectifying for gain >~ 3, at the mean for threshold 0 (the simulator's
+    case), in the drive's upper tail for threshold > 0 (sparse responses: the control study's
+    latent subject, where a linear read-out keeps less of the code). The study uses this same
+    function, so its knobs mean what the simulator's do.
+    """
+    return _standardise(_softplus(gain * (_standardise(drive) - threshold)))
+
+
 def voxel_signal(
     model: VoxelModel, images: np.ndarray, semantic: np.ndarray, config: EncodingConfig
 ) -> np.ndarray:
@@ -210,9 +223,9 @@ def voxel_signal(
         + model.contrast_weight * energy[:, 0]
         + model.orientation_weight * energy[:, 1 + model.preferred_orientation, voxels]
     )
-    visual = _standardise(_softplus(config.nonlinearity_gain * _standardise(drive)))
+    visual = nonlinear_response(drive, config.nonlinearity_gain)
     # 3. Semantic drive (higher areas) and the per-voxel mix.
-    meaning = _standardise(_softplus(config.nonlinearity_gain * _standardise(semantic @ model.semantic_weights.T)))
+    meaning = nonlinear_response(semantic @ model.semantic_weights.T, config.nonlinearity_gain)
     mixed = (1 - model.semantic_mix) * visual + model.semantic_mix * meaning
     return np.where(model.area != "", _standardise(mixed), 0).astype(np.float32)
 

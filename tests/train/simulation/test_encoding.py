@@ -107,3 +107,24 @@ def test_brain_layout_places_rois_posterior_first():
     assert np.all(layout.inferior[layout.roi == 2])
     with pytest.raises(ValueError, match="too small"):
         encoding.brain_layout((6, 6, 6), [("V1", 500, "any", "")], np.random.default_rng(0))
+
+
+def _linear_r2(drive: np.ndarray, response: np.ndarray) -> float:
+    """Share of each column's variance a linear function of its drive explains, averaged."""
+    return float(np.mean([np.corrcoef(d, r)[0, 1] ** 2 for d, r in zip(drive.T, response.T)]))
+
+
+def test_nonlinear_response_is_standardised_and_its_knobs_control_linearity():
+    drive = 3.0 + 2.0 * np.random.default_rng(0).standard_normal((20000, 4))
+    near_linear = encoding.nonlinear_response(drive, 0.1)
+    rectified = encoding.nonlinear_response(drive, 6.0)
+    sparse = encoding.nonlinear_response(drive, 6.0, threshold=1.0)
+    for response in (near_linear, rectified, sparse):
+        np.testing.assert_allclose(response.mean(axis=0), 0, atol=1e-9)
+        np.testing.assert_allclose(response.std(axis=0), 1, atol=1e-9)
+    # the drive's offset and scale do not matter: the drive is standardised first
+    np.testing.assert_allclose(encoding.nonlinear_response(10 * drive - 7, 6.0), rectified, atol=1e-9)
+    assert _linear_r2(drive, near_linear) > 0.995
+    # rectification at the mean keeps most of the variance linear; above threshold much less
+    assert 0.6 < _linear_r2(drive, rectified) < 0.85
+    assert _linear_r2(drive, sparse) < 0.5
