@@ -4,13 +4,16 @@ Simulated subjects across the encoding model's nonlinearity and the number of tr
 each decoded by ridge and by the nonlinear decoders with the main pipeline's own stage modules
 (simulate -> prepare -> targets -> fit -> decode), under its leak-free protocol and its numeric
 pins. A negative control (a near-linear brain: no decoder should beat ridge) and a positive one
-(a strongly nonlinear brain with many trials: a nonlinear decoder should win).
+(a strongly nonlinear brain with many trials: a nonlinear decoder should win). A second family,
+the latent-Gaussian subject (``latent.py``), is the world in which ridge is provably optimal for a
+linear brain; it runs the same decoders through ``fit``'s own training functions.
 
     python studies/controls/run.py [--params studies/controls/params.yaml] [--only CONDITION ...]
 
 Each condition's params are the main params.yaml with the study's overrides, written to
-``<work_dir>/<condition>/params.yaml``; a stage whose outputs exist for the same params is not
-re-run, so an interrupted study resumes. The result (``<results_dir>/``): ``controls.json``
+``<work_dir>/<condition>/params.yaml`` (a latent condition's inputs to
+``<work_dir>/latent/<condition>/inputs.json``); a stage whose outputs exist for the same params is
+not re-run, so an interrupted study resumes. The result (``<results_dir>/``): ``controls.json``
 (every number), ``controls.md`` (the table) and ``controls.png`` (the plot).
 
 Scores (``summarise``): per condition and decoder the test split's r/dim (the decode stage's
@@ -30,17 +33,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import yaml
 
-from brainldm.runtime.atomic import atomic_path, write_text_atomic
-from brainldm.train.config import from_dict, load_params, run_stage
+from brainldm.runtime.atomic import write_text_atomic
+from brainldm.train.config import config_to_dict, from_dict, load_config, load_params, run_stage
+from brainldm.train.data.prepare import PrepareConfig
 from brainldm.train.data.splits import load_targets, split_image_index
+from brainldm.train.decoding.fit_config import FitConfig
 from brainldm.train.evaluation.metrics import per_sample_pearson, summarise as summarise_scores
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # latent.py, beside this script (studies/ is not an installed package)
+import latent  # noqa: E402
+from figures import plot, report  # noqa: E402
+
+ROOT = HERE.parents[1]
 
 
 class StudyError(RuntimeError):
@@ -57,10 +68,20 @@ class Condition:
 
 
 @dataclass(frozen=True)
+class LatentFamily:
+    """The latent-Gaussian conditions: each is ``subject`` with the condition's overrides."""
+
+    decoders: tuple[str, ...]
+    subject: dict[str, Any]
+    conditions: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """studies/controls/params.yaml."""
 
     conditions: dict[str, Condition]
+    latent: LatentFamily
     decoders: tuple[str, ...]
     baseline: str
     base_params: str = "params.yaml"
@@ -149,11 +170,55 @@ def is_complete(cfg: StudyConfig, base: dict, name: str) -> bool:
     return {label for label, _ in stage_commands(cfg, Path("params.yaml"))} <= set(done["seconds"])
 
 
+def latent_inputs(cfg: StudyConfig, name: str) -> str:
+    """The inputs.json text of latent condition ``name``: its subject, the main params' entries of
+    the family's decoders and ``prepare.graph``, and the fit threads (latent.run_inputs)."""
+    params = ROOT / cfg.base_params
+    fit, prepare = load_config(FitConfig, "fit", params), load_config(PrepareConfig, "prepare", params)
+    subject = latent.subject_from(cfg.latent.conditions[name], cfg.latent.subject, where=f"latent.conditions.{name}")
+    inputs = {"subject": dataclasses.asdict(subject), "graph": config_to_dict(prepare.graph), "threads": fit.threads,
+              "decoders": {d: config_to_dict(fit.decoders[d]) for d in cfg.latent.decoders}}
+    return json.dumps(inputs, indent=1, sort_keys=True) + "\n"
+
+
+def run_latent(cfg: StudyConfig, name: str) -> float:
+    """Run (or resume) latent condition ``name`` under the pins; its wall seconds (0 when done before)."""
+    work = ROOT / cfg.work_dir / "latent" / name
+    work.mkdir(parents=True, exist_ok=True)
+    inputs = latent_inputs(cfg, name)
+    write_text_atomic(work / "inputs.json", inputs)
+    done = _done(work, inputs)
+    if "fit and score" in done["seconds"]:
+        return 0.0
+    print(f"[{name}] fit and score {', '.join(cfg.latent.decoders)}", flush=True)
+    argv = [*pinned_env(), sys.executable, str(HERE / "latent.py"), "--inputs", str(work / "inputs.json"),
+            "--out", str(work / "scores.json")]
+    start = time.perf_counter()
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise StudyError(f"latent condition {name} failed: {tail[0]}")
+    done["seconds"]["fit and score"] = round(time.perf_counter() - start, 1)
+    write_text_atomic(work / "done.json", json.dumps(done, indent=1))
+    return done["seconds"]["fit and score"]
+
+
+def latent_complete(cfg: StudyConfig, name: str) -> bool:
+    """Whether latent condition ``name`` ran with its current inputs."""
+    return "fit and score" in _done(ROOT / cfg.work_dir / "latent" / name, latent_inputs(cfg, name))["seconds"]
+
+
 def load_study(path: str | Path) -> StudyConfig:
     """The study config; an unknown key is an error naming it."""
     cfg = from_dict(StudyConfig, load_params(path), where=str(path), strict=True)
-    if cfg.baseline not in cfg.decoders:
-        raise ValueError(f"baseline {cfg.baseline!r} is not among decoders {list(cfg.decoders)}")
+    for family, decoders in (("decoders", cfg.decoders), ("latent.decoders", cfg.latent.decoders)):
+        if cfg.baseline not in decoders:
+            raise ValueError(f"baseline {cfg.baseline!r} is not among {family} {list(decoders)}")
+    shared = sorted(set(cfg.conditions) & set(cfg.latent.conditions))
+    if shared:
+        raise ValueError(f"condition name(s) {shared} used in both conditions and latent.conditions")
+    for name, settings in cfg.latent.conditions.items():
+        latent.subject_from(settings, cfg.latent.subject, where=f"latent.conditions.{name}")
     return cfg
 
 
@@ -167,27 +232,42 @@ def per_image_r(work: Path, dataset: str, decoder: str) -> tuple[np.ndarray, flo
     return r.astype(np.float64), float(metrics["pearson_dim"])
 
 
-def summarise(cfg, root: Path, conditions: list[str]) -> dict:
-    """Every number of the study: condition -> decoder -> scores, and the paired differences."""
+def _rows(cfg: StudyConfig, scores: dict[str, tuple[np.ndarray, float]]) -> dict:
+    """decoder -> r/dim, the per-image r's summary and (not the baseline) the paired difference."""
+    base, rows = scores[cfg.baseline][0], {}
+    for decoder, (r, r_dim) in scores.items():
+        row = {"r_per_dim": r_dim, "per_image_r": dataclasses.asdict(
+            summarise_scores(r, cfg.n_boot, cfg.ci_level, cfg.boot_seed))}
+        if decoder != cfg.baseline:
+            diff = summarise_scores(r - base, cfg.n_boot, cfg.ci_level, cfg.boot_seed)
+            row["minus_baseline"] = dataclasses.asdict(diff)
+            row["beats_baseline"] = diff.ci_low > 0
+            row["loses_to_baseline"] = diff.ci_high < 0
+        rows[decoder] = row
+    return rows
+
+
+def summarise(cfg: StudyConfig, root: Path, conditions: list[str], latent_conditions: tuple[str, ...] = ()) -> dict:
+    """Every number of the study: condition -> decoder -> scores, and the paired differences;
+    the latent family's under ``latent``."""
     out = {"decoders": list(cfg.decoders), "baseline": cfg.baseline, "ci_level": cfg.ci_level,
-           "dataset": cfg.dataset, "target_latent": cfg.target_latent, "conditions": {}}
+           "dataset": cfg.dataset, "target_latent": cfg.target_latent, "conditions": {},
+           "latent": {"decoders": list(cfg.latent.decoders), "conditions": {}}}
     for name in conditions:
         work = root / cfg.work_dir / name
         done = json.loads((work / "done.json").read_text())
         scores = {d: per_image_r(work, cfg.dataset, d) for d in cfg.decoders}
-        base = scores[cfg.baseline][0]
-        entry = {"settings": dataclasses.asdict(cfg.conditions[name]), "seconds": done["seconds"],
-                 "n_train_trials": _train_trials(work, cfg.dataset), "decoders": {}}
-        for decoder, (r, r_dim) in scores.items():
-            row = {"r_per_dim": r_dim, "per_image_r": dataclasses.asdict(
-                summarise_scores(r, cfg.n_boot, cfg.ci_level, cfg.boot_seed))}
-            if decoder != cfg.baseline:
-                diff = summarise_scores(r - base, cfg.n_boot, cfg.ci_level, cfg.boot_seed)
-                row["minus_baseline"] = dataclasses.asdict(diff)
-                row["beats_baseline"] = diff.ci_low > 0
-                row["loses_to_baseline"] = diff.ci_high < 0
-            entry["decoders"][decoder] = row
-        out["conditions"][name] = entry
+        out["conditions"][name] = {"settings": dataclasses.asdict(cfg.conditions[name]), "seconds": done["seconds"],
+                                   "n_train_trials": _train_trials(work, cfg.dataset), "decoders": _rows(cfg, scores)}
+    for name in latent_conditions:
+        work = root / cfg.work_dir / "latent" / name
+        found = json.loads((work / "scores.json").read_text())
+        scores = {d: (np.asarray(v["per_image_r"], dtype=np.float64), v["r_per_dim"])
+                  for d, v in found["decoders"].items()}
+        out["latent"]["conditions"][name] = {
+            "settings": json.loads((work / "inputs.json").read_text())["subject"],
+            "seconds": {f"fit {d}": v["seconds"] for d, v in found["decoders"].items()},
+            "n_train_trials": found["n_train_trials"], "decoders": _rows(cfg, scores)}
     return out
 
 
@@ -195,61 +275,24 @@ def _train_trials(work: Path, dataset: str) -> int:
     return int(len(split_image_index(work / "prepared" / f"{dataset}.h5", "train")))
 
 
-def table(result: dict) -> str:
-    """Markdown: one row per condition, per decoder r/dim and the paired difference to the baseline."""
-    others = [d for d in result["decoders"] if d != result["baseline"]]
-    head = ["condition", "gain", "train trials", f"{result['baseline']} r/dim"]
-    head += [f"{d} r/dim" for d in others] + [f"{d} − {result['baseline']} (per-image r, CI)" for d in others]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, entry in result["conditions"].items():
-        rows = entry["decoders"]
-        cells = [name, f"{entry['settings']['nonlinearity_gain']:g}", f"{entry['n_train_trials']:,}",
-                 f"{rows[result['baseline']]['r_per_dim']:.3f}"]
-        cells += [f"{rows[d]['r_per_dim']:.3f}" for d in others]
-        for d in others:
-            diff = rows[d]["minus_baseline"]
-            mark = " **wins**" if rows[d]["beats_baseline"] else (" loses" if rows[d]["loses_to_baseline"] else "")
-            cells.append(f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]{mark}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> None:
-    """Per-image r minus the baseline's, with CIs, against the nonlinearity gain; one panel per size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted({e["n_train_trials"] for e in result["conditions"].values()})
-    others = [d for d in result["decoders"] if d != result["baseline"]]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.6), squeeze=False, sharey=True)
-    for ax, size in zip(axes[0], sizes):
-        entries = sorted((e for e in result["conditions"].values() if e["n_train_trials"] == size),
-                         key=lambda e: e["settings"]["nonlinearity_gain"])
-        gains = [e["settings"]["nonlinearity_gain"] for e in entries]
-        for k, d in enumerate(others):
-            diffs = [e["decoders"][d]["minus_baseline"] for e in entries]
-            mean = np.array([x["mean"] for x in diffs])
-            err = np.array([[x["mean"] - x["ci_low"] for x in diffs], [x["ci_high"] - x["mean"] for x in diffs]])
-            ax.errorbar(np.array(gains) * (1 + 0.03 * (k - 1)), mean, yerr=err, marker="o", capsize=3, label=d)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("encoding nonlinearity gain")
-        ax.set_title(f"{size:,} training trials")
-    axes[0][0].set_ylabel(f"per-image r − {result['baseline']} ({result['ci_level']:.0%} CI)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+def carry_over(family: dict, previous: dict, settings: dict[str, dict]) -> None:
+    """Keep ``previous``'s entry (the same family of the last controls.json) of each configured
+    condition not summarised here whose settings and decoders are unchanged: ``--only`` on a fresh
+    clone (no work folders) adds to the committed result instead of replacing it. In ``settings``'
+    order."""
+    found = family["conditions"]
+    for name, wanted in settings.items():
+        old = previous.get("conditions", {}).get(name)
+        if name not in found and old and old["settings"] == wanted and set(old["decoders"]) == set(family["decoders"]):
+            found[name] = old
+    family["conditions"] = {name: found[name] for name in settings if name in found}
 
 
 def write_outputs(result: dict, results_dir: Path) -> None:
     """controls.json, controls.md and controls.png in ``results_dir``, each atomically."""
     results_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results_dir / "controls.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
-    write_text_atomic(results_dir / "controls.md", table(result))
+    write_text_atomic(results_dir / "controls.md", report(result))
     plot(result, results_dir / "controls.png")
 
 
@@ -262,14 +305,25 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> str:
         cfg = load_study(ROOT / args.params)
         base = yaml.safe_load((ROOT / cfg.base_params).read_text())
-        names = args.only or list(cfg.conditions)
-        unknown = sorted(set(names) - set(cfg.conditions))
+        names = args.only or [*cfg.conditions, *cfg.latent.conditions]
+        unknown = sorted(set(names) - set(cfg.conditions) - set(cfg.latent.conditions))
         if unknown:
-            raise ValueError(f"unknown conditions {unknown}; configured: {sorted(cfg.conditions)}")
+            raise ValueError(f"unknown conditions {unknown}; configured: "
+                             f"{sorted(cfg.conditions)} and latent {sorted(cfg.latent.conditions)}")
         for name in names:
-            run_condition(cfg, base, name, cfg.conditions[name])
+            if name in cfg.conditions:
+                run_condition(cfg, base, name, cfg.conditions[name])
+            else:
+                run_latent(cfg, name)
         finished = [n for n in cfg.conditions if is_complete(cfg, base, n)]
-        write_outputs(summarise(cfg, ROOT, finished), ROOT / cfg.results_dir)
+        latent_finished = tuple(n for n in cfg.latent.conditions if latent_complete(cfg, n))
+        result = summarise(cfg, ROOT, finished, latent_finished)
+        last = ROOT / cfg.results_dir / "controls.json"
+        previous = json.loads(last.read_text()) if last.is_file() else {"latent": {}}
+        carry_over(result, previous, {n: dataclasses.asdict(c) for n, c in cfg.conditions.items()})
+        carry_over(result["latent"], previous.get("latent", {}), {n: dataclasses.asdict(latent.subject_from(
+            s, cfg.latent.subject)) for n, s in cfg.latent.conditions.items()})
+        write_outputs(result, ROOT / cfg.results_dir)
         return f"wrote {cfg.results_dir}/controls.md, controls.json, controls.png"
     return run_stage(work, errors=(StudyError,))
 

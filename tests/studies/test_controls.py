@@ -1,6 +1,7 @@
 """studies/controls/run.py: each condition's params, the resume bookkeeping, the scores and the table."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -110,7 +111,70 @@ def test_scores_find_the_better_decoder_and_the_table_says_so(study, tmp_path):
     assert result["conditions"]["g6"]["n_train_trials"] == 7
     expected = np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(real, good)])
     assert rows["cnn-z"]["per_image_r"]["mean"] == pytest.approx(expected, abs=1e-6)
-    table = C.table(result)
-    assert "**wins**" in table.splitlines()[2].split("|")[-3] and "loses" in table.splitlines()[2].split("|")[-2]
+    row = next(line for line in C.report(result).splitlines() if line.startswith("| g6 |"))
+    assert "**wins**" in row.split("|")[-3] and "loses" in row.split("|")[-2]
     C.write_outputs(result, tmp_path / "out")
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"controls.json", "controls.md", "controls.png"}
+
+
+def test_a_latent_condition_is_the_family_subject_with_its_overrides_and_the_main_decoders(study):
+    name = next(iter(study.latent.conditions))
+    inputs = json.loads(C.latent_inputs(study, name))
+    assert inputs["subject"] == {**study.latent.subject, **study.latent.conditions[name],
+                                 "nonlinearity_gain": float(study.latent.conditions[name]["nonlinearity_gain"])}
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert sorted(inputs["decoders"]) == sorted(study.latent.decoders)
+    assert inputs["decoders"]["vae-z"]["vae"] == base["fit"]["decoders"]["vae-z"]["vae"]
+    assert inputs["graph"]["nodes"] == base["prepare"]["graph"]["nodes"]
+    assert inputs["threads"] == base["fit"]["threads"]
+
+
+def test_the_latent_family_spans_linear_and_nonlinear_brains_and_harder_noise(study):
+    subjects = [C.latent.subject_from(s, study.latent.subject) for s in study.latent.conditions.values()]
+    assert min(s.nonlinearity_gain for s in subjects) <= 0.1 and max(s.nonlinearity_gain for s in subjects) >= 6
+    assert max(s.n_train_images * s.n_repeats for s in subjects) >= 24000  # NSD's ~25k trials
+    assert any(s.noise_corr > 0 and s.low_snr_fraction > 0 for s in subjects)
+
+
+def test_bad_latent_settings_are_errors_before_anything_runs(tmp_path):
+    raw = yaml.safe_load((ROOT / "studies" / "controls" / "params.yaml").read_text())
+    bad = copy.deepcopy(raw)
+    bad["latent"]["conditions"]["x"] = {"nonlinearity_gain": 1.0, "n_train_images": 10, "gain": 2}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"latent.conditions.x: unknown key\(s\) \['gain'\]"):
+        C.load_study(tmp_path / "a.yaml")
+    clash = copy.deepcopy(raw)
+    clash["latent"]["conditions"]["g6-n3k"] = {"nonlinearity_gain": 6.0, "n_train_images": 10}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(clash))
+    with pytest.raises(ValueError, match=r"\['g6-n3k'\] used in both"):
+        C.load_study(tmp_path / "b.yaml")
+
+
+def _latent_scores(work: Path, subject: dict, per_image: dict[str, list[float]]) -> None:
+    work.mkdir(parents=True)
+    (work / "inputs.json").write_text(json.dumps({"subject": subject}))
+    (work / "scores.json").write_text(json.dumps({"n_train_trials": 90, "decoders": {
+        d: {"per_image_r": r, "r_per_dim": float(np.mean(r)), "seconds": 1.0} for d, r in per_image.items()}}))
+
+
+def test_latent_scores_are_summarised_beside_the_scene_ones_and_kept_when_not_rerun(study, tmp_path):
+    rng = np.random.default_rng(1)
+    ridge = 0.5 + 0.1 * rng.standard_normal(50)
+    subject = {**study.latent.subject, "nonlinearity_gain": 6.0, "n_train_images": 30}
+    family = dataclasses.replace(study.latent, decoders=("ridge-z", "vae-z"),
+                                 conditions={"lat": {"nonlinearity_gain": 6.0, "n_train_images": 30}})
+    cfg = dataclasses.replace(study, work_dir="w", latent=family)
+    _latent_scores(tmp_path / "w" / "latent" / "lat", subject,
+                   {"ridge-z": ridge.tolist(), "vae-z": (ridge + 0.05 + 0.01 * rng.standard_normal(50)).tolist()})
+    result = C.summarise(cfg, tmp_path, [], ("lat",))
+    row = result["latent"]["conditions"]["lat"]["decoders"]["vae-z"]
+    assert row["beats_baseline"] and row["minus_baseline"]["mean"] == pytest.approx(0.05, abs=0.005)
+    assert "| lat | 6 | 1 | 0 | 0 | 90 |" in C.report(result)
+    # a later run that did not redo "lat" keeps its entry while its settings are unchanged ...
+    later = C.summarise(cfg, tmp_path / "elsewhere", [], ())
+    C.carry_over(later["latent"], result["latent"], {"lat": subject})
+    assert later["latent"]["conditions"]["lat"] == result["latent"]["conditions"]["lat"]
+    # ... and drops it once they changed
+    fresh = C.summarise(cfg, tmp_path / "elsewhere", [], ())
+    C.carry_over(fresh["latent"], result["latent"], {"lat": {**subject, "noise_sd": 3.0}})
+    assert fresh["latent"]["conditions"] == {}
