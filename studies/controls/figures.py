@@ -46,7 +46,7 @@ def _plain(entry: dict) -> bool:
     return entry["settings"].get("noise_corr", 0) == 0 and entry["settings"].get("low_snr_fraction", 0) == 0
 
 
-def _panels(axes, conditions: dict, decoders: list[str], baseline: str, family: str) -> None:
+def _panels(axes, conditions: dict, decoders: list[str], baseline: str, family: str, colors: dict) -> None:
     sizes = sorted({e["n_train_trials"] for e in conditions.values()})
     others = [d for d in decoders if d != baseline]
     for ax, size in zip(axes, sizes):
@@ -57,7 +57,7 @@ def _panels(axes, conditions: dict, decoders: list[str], baseline: str, family: 
             diffs = [e["decoders"][d]["minus_baseline"] for e in entries]
             mean = np.array([x["mean"] for x in diffs])
             err = np.array([[x["mean"] - x["ci_low"] for x in diffs], [x["ci_high"] - x["mean"] for x in diffs]])
-            ax.errorbar(gains * (1 + 0.03 * (k - 1)), mean, yerr=err, marker="o", capsize=3, label=d)
+            ax.errorbar(gains * (1 + 0.03 * (k - 1)), mean, yerr=err, marker="o", capsize=3, label=d, color=colors[d])
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("encoding nonlinearity gain")
@@ -78,8 +78,11 @@ def plot(result: dict, path: Path) -> None:
         families.append(("latent subject", result["latent"]["conditions"], result["latent"]["decoders"]))
     width = max(len({e["n_train_trials"] for e in c.values()}) for _, c, _ in families)
     fig, axes = plt.subplots(len(families), width, figsize=(4.5 * width, 3.6 * len(families)), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys(d for _, _, decoders in families for d in decoders if d != result["baseline"]))
+    colors = {d: cycle[k % len(cycle)] for k, d in enumerate(names)}  # one colour per decoder in every panel
     for row, (family, conditions, decoders) in zip(axes, families):
-        _panels(row, conditions, decoders, result["baseline"], family)
+        _panels(row, conditions, decoders, result["baseline"], family, colors)
         row[0].set_ylabel(f"per-image r − {result['baseline']} ({result['ci_level']:.0%} CI)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
