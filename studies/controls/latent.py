@@ -108,15 +108,22 @@ def _standardiser(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return train.mean(axis=0, dtype=np.float64).astype(np.float32), np.where(std > 0, std, 1).astype(np.float32)
 
 
-def fit_data(arrays: dict[str, np.ndarray], entry: DecoderConfig, graph: GraphConfig) -> FitData:
-    """``FitData`` for one decoder entry: voxels and targets z-scored with training statistics
-    only; the voxels split in order and evenly into the entry's input ROIs; the GCN's graph built
-    by ``prepare``'s own ``build_graph`` from the training trials, with the main params' nodes."""
+def _zscored_inputs(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``x_train`` / ``x_val`` / ``x_test`` z-scored with the training trials' statistics (float32)."""
+    mean, std = _standardiser(arrays["x_train"])
+    return {name: (arrays[name] - mean) / std for name in ("x_train", "x_val", "x_test")}
+
+
+def fit_data(arrays: dict[str, np.ndarray], x: dict[str, np.ndarray], entry: DecoderConfig,
+             graph: GraphConfig) -> FitData:
+    """``FitData`` for one decoder entry: ``x`` the voxels z-scored with training statistics only
+    (``_zscored_inputs``), the targets likewise; the voxels split in order and evenly into the
+    entry's input ROIs; the GCN's graph built by ``prepare``'s own ``build_graph`` from the
+    training trials, with the main params' nodes."""
     n_voxels = arrays["x_train"].shape[1]
     parts = np.array_split(np.arange(n_voxels), len(entry.input_rois))
-    x_mean, x_std = _standardiser(arrays["x_train"])
     y_mean, y_std = _standardiser(arrays["y_train"])
-    x_train = (arrays["x_train"] - x_mean) / x_std
+    x_train = x["x_train"]
     edges, node_rois = None, None
     if entry.kind == "gcn":
         roi_graph = build_graph({roi: x_train[:, cols] for roi, cols in zip(entry.input_rois, parts)}, graph)
@@ -127,18 +134,18 @@ def fit_data(arrays: dict[str, np.ndarray], entry: DecoderConfig, graph: GraphCo
                        input_rois=tuple(entry.input_rois), roi_sizes=tuple(len(c) for c in parts),
                        arch=decoder_arch(entry), node_rois=node_rois)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    return FitData(t(x_train), t((arrays["y_train"] - y_mean) / y_std), t((arrays["x_val"] - x_mean) / x_std),
+    return FitData(t(x_train), t((arrays["y_train"] - y_mean) / y_std), t(x["x_val"]),
                    t((arrays["y_val"] - y_mean) / y_std), arrays["train_image"], t(y_mean), t(y_std), spec, edges)
 
 
 def predict_test(arrays: dict[str, np.ndarray], entry: DecoderConfig, graph: GraphConfig) -> np.ndarray:
     """Fit ``entry`` on the subject's training trials (early stopping on validation) and return
     its prediction of the test images' targets, ``(n_test_images, K)`` float32, in y's units."""
-    data = fit_data(arrays, entry, graph)
+    x = _zscored_inputs(arrays)
+    data = fit_data(arrays, x, entry, graph)
     model, _ = train_ridge(data, entry) if entry.kind == "ridge" else train_network(data, entry)
-    x_mean, x_std = _standardiser(arrays["x_train"])
     with torch.no_grad():
-        pred = model.eval()(torch.from_numpy((arrays["x_test"] - x_mean) / x_std)).numpy()
+        pred = model.eval()(torch.from_numpy(x["x_test"])).numpy()
     return pred * data.std.numpy() + data.mean.numpy()
 
 
