@@ -133,6 +133,17 @@ def stage_commands(cfg: StudyConfig, params_file: Path) -> list[tuple[str, list[
     return [(label, [*pinned_env(), sys.executable, "-m", *argv]) for label, argv in steps]
 
 
+def _timed_run(argv: list[str], what: str) -> float:
+    """Run one pinned subprocess from the repository root; its wall seconds, or StudyError naming
+    ``what`` with the last line the subprocess printed."""
+    start = time.perf_counter()
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise StudyError(f"{what} failed: {tail[0]}")
+    return round(time.perf_counter() - start, 1)
+
+
 def run_condition(cfg: StudyConfig, base: dict, name: str, condition: Condition) -> dict[str, float]:
     """Run (or resume) one condition; returns each stage's wall seconds (0 when it was done before)."""
     work = ROOT / cfg.work_dir / name
@@ -145,12 +156,7 @@ def run_condition(cfg: StudyConfig, base: dict, name: str, condition: Condition)
         if label in done["seconds"]:
             continue
         print(f"[{name}] {label}", flush=True)
-        start = time.perf_counter()
-        result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise StudyError(f"condition {name}, stage {label} failed: {tail[0]}")
-        done["seconds"][label] = round(time.perf_counter() - start, 1)
+        done["seconds"][label] = _timed_run(argv, f"condition {name}, stage {label}")
         write_text_atomic(work / "done.json", json.dumps(done, indent=1))
     return done["seconds"]
 
@@ -193,12 +199,7 @@ def run_latent(cfg: StudyConfig, name: str) -> float:
     print(f"[{name}] fit and score {', '.join(cfg.latent.decoders)}", flush=True)
     argv = [*pinned_env(), sys.executable, str(HERE / "latent.py"), "--inputs", str(work / "inputs.json"),
             "--out", str(work / "scores.json")]
-    start = time.perf_counter()
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise StudyError(f"latent condition {name} failed: {tail[0]}")
-    done["seconds"]["fit and score"] = round(time.perf_counter() - start, 1)
+    done["seconds"]["fit and score"] = _timed_run(argv, f"latent condition {name}")
     write_text_atomic(work / "done.json", json.dumps(done, indent=1))
     return done["seconds"]["fit and score"]
 
