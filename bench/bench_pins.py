@@ -45,8 +45,10 @@ def unpinned(cmd: str) -> str:
 
 
 def timed(cmd: str, cwd: Path) -> float:
+    # The stage commands call `python`: this interpreter's, also when its environment is not activated.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     start = time.perf_counter()
-    done = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"error: `{cmd}` failed in {cwd}:\n{done.stderr[-2000:]}")
     return time.perf_counter() - start
