@@ -72,25 +72,40 @@ def check_aligned(prepared: str | Path, targets: str | Path, target: str) -> Non
 
 def load_targets(targets: str | Path, target: str, image_index: np.ndarray) -> np.ndarray:
     """Target rows for ``image_index``: ``z (n, C, h, w)`` or ``c (n, T, D)`` float32."""
-    targets = Path(targets)
     if target not in TARGET_KINDS:
         raise ValueError(f"target {target!r} unknown; expected one of {TARGET_KINDS}")
+    return _target_rows(Path(targets), target, target, image_index)
+
+
+def load_perfect_predictions(targets: str | Path, target: str, image_index: np.ndarray) -> np.ndarray:
+    """The best prediction of ``target`` that any decoder of the image can make, rows for ``image_index``.
+
+    z: the VAE posterior mean (``z_mean``; equal to z when ``targets.latent: mean``, else the
+    sample's expectation: the posterior noise is not in the image). c: c itself (deterministic).
+    Shapes as :func:`load_targets`.
+    """
+    if target not in TARGET_KINDS:
+        raise ValueError(f"target {target!r} unknown; expected one of {TARGET_KINDS}")
+    return _target_rows(Path(targets), target, "z_mean" if target == "z" else target, image_index)
+
+
+def _target_rows(targets: Path, target: str, name: str, image_index: np.ndarray) -> np.ndarray:
     if not targets.is_file():
         raise FileNotFoundError(f"targets file not found: {targets} (run the targets stage first)")
     with h5py.File(targets, "r") as f:
-        if target not in f:
-            raise ValueError(f"{targets}: no dataset {target!r}; found {sorted(f.keys())}")
-        ds = f[target]
+        if name not in f:
+            raise ValueError(f"{targets}: no dataset {name!r}; found {sorted(f.keys())} (rerun the targets stage)")
+        ds = f[name]
         expected_ndim = 4 if target == "z" else 3
         if ds.ndim != expected_ndim:
-            raise ValueError(f"{targets}: {target} has shape {ds.shape}; expected "
+            raise ValueError(f"{targets}: {name} has shape {ds.shape}; expected "
                              f"{'(N, C, h, w)' if target == 'z' else '(N, T, D)'}")
         if len(image_index) and (image_index.min() < 0 or image_index.max() >= ds.shape[0]):
-            raise ValueError(f"{targets}: {target} has {ds.shape[0]} rows but image_index reaches "
+            raise ValueError(f"{targets}: {name} has {ds.shape[0]} rows but image_index reaches "
                              f"{int(image_index.max())}; rows must align with the prepared file's images")
         # h5py fancy indexing needs increasing unique rows
         rows, inverse = np.unique(image_index, return_inverse=True)
         values = np.asarray(ds[rows], dtype=np.float32)[inverse]
     if not np.isfinite(values).all():
-        raise ValueError(f"{targets}: {target} contains NaN/inf in the requested rows")
+        raise ValueError(f"{targets}: {name} contains NaN/inf in the requested rows")
     return values

@@ -5,7 +5,7 @@
 ``models/decoders/<dataset>/<decoder>.safetensors`` and ``data/targets/<dataset>.h5``,
 and writes ``results/decode/<dataset>/<decoder>.h5`` (``pred``, ``image_index``) and
 ``results/decode/<dataset>/<decoder>.json`` (MSE, Pearson r per sample and per
-dimension, two-way identification, chance). Also holds the input/target readers and
+dimension, two-way identification, chance; the target's ceiling and floor). Also holds the input/target readers and
 metrics that ``fit`` reuses on the validation split.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from brainldm.train.decoding.decoders import Checkpoint, load_checkpoint
 from brainldm.train.distributed import resolve_device
 # The readers live with the prepared/targets contract; fit imports them from here too.
 from brainldm.train.data.splits import check_aligned, load_inputs, load_targets  # noqa: F401
+from brainldm.train.data.splits import load_perfect_predictions, split_image_index
 
 IDENTIFICATION_CHANCE = 0.5
 
@@ -67,6 +68,23 @@ def stage1_metrics(real: np.ndarray, pred: np.ndarray) -> dict[str, float]:
         "identification": float(metrics.two_way_identification(real, pred).mean()),
         "identification_chance": IDENTIFICATION_CHANCE,
     }
+
+
+def reference_rows(prepared: Path, targets: Path, target: str, real: np.ndarray, image_index: np.ndarray) -> dict:
+    """Table 3's ceiling and floor for one target on the test rows ``real`` (n, ...), image_index (n,).
+
+    ceiling: the stage-1 metrics of a perfect predictor of the target as defined (the posterior
+    mean for z, c itself; splits.load_perfect_predictions). floor: the MSE of predicting every
+    test image by the mean target of the unique *training* images (no test statistic; r and
+    identification are undefined for a constant prediction).
+    """
+    ceiling = stage1_metrics(real, load_perfect_predictions(targets, target, image_index))
+    train_mean = load_targets(targets, target, np.unique(split_image_index(prepared, "train"))).mean(0)
+    floor = {"mse": float(np.mean((real.astype(np.float64) - train_mean) ** 2)),
+             "prediction": "the mean target of the unique training images"}
+    with h5py.File(targets, "r") as f:
+        latent = str(f.attrs.get("latent", "sample"))  # files written before the attribute held samples
+    return {"ceiling": ceiling, "floor": floor, "z_latent": latent}
 
 
 def predict(checkpoint: Checkpoint, x: np.ndarray, batch_size: int, device: str | torch.device = "cpu") -> np.ndarray:
@@ -114,7 +132,8 @@ def _decode(config: DecodeConfig, dataset: str, decoder: str) -> dict:
         raise ValueError(f"targets {spec.target} have shape {real.shape[1:]} per image; the decoder predicts "
                          f"{tuple(spec.target_shape)}")
     metrics = {"dataset": dataset, "decoder": decoder, "kind": spec.kind, "target": spec.target,
-               "input_rois": list(spec.input_rois), "split": "test", **stage1_metrics(real, pred)}
+               "input_rois": list(spec.input_rois), "split": "test", **stage1_metrics(real, pred),
+               **reference_rows(prepared, targets, spec.target, real, image_index)}
     # 3. outputs, atomically
     out_dir = Path(config.results_dir) / dataset
     with atomic_path(out_dir / f"{decoder}.h5") as tmp, h5py.File(tmp, "w") as f:

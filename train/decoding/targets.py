@@ -5,10 +5,11 @@ Reads ``<prepared_dir>/<dataset>.h5`` (``images`` (N, H, W, 3) uint8, ``captions
 
 | path | shape / type | meaning |
 |---|---|---|
-| ``z`` | (N, C, R/f, R/f) float32 | VAE posterior sample (or mean) of the image resized to R (LANCZOS, [-1, 1]) x scaling_factor |
+| ``z`` | (N, C, R/f, R/f) float32 | VAE posterior mean (``latent: mean``) or sample of the image resized to R (LANCZOS, [-1, 1]) x scaling_factor |
+| ``z_mean`` | (N, C, R/f, R/f) float32 | the posterior mean x scaling_factor: equal to ``z`` when ``latent: mean``; the perfect predictor of either (Table 3's ceiling) |
 | ``c`` | (N, T, D) float32 | text-encoder ``last_hidden_state`` (first T of 77 tokens), mean over the image's captions |
 | ``uncond`` | (T, D) float32 | the same for the empty prompt (CFG's unconditional branch) |
-| attrs | | ``format_version``, ``config`` (JSON), ``scaling_factor``, ``model``, ``dataset``, ``constant_bos`` |
+| attrs | | ``format_version``, ``config`` (JSON), ``scaling_factor``, ``latent``, ``model``, ``dataset``, ``constant_bos`` |
 
 Row i of z and c belongs to row i of the prepared ``images``. With T < 77 (the
 original project's 15) token 0 is the BOS state, identical for every prompt because
@@ -40,7 +41,7 @@ class TargetsConfig:
     single_file_config: str | None = None
     resolution: int = 64
     n_tokens: int = 77
-    latent: str = "sample"
+    latent: str = "mean"
     seed: int = 0
     batch_size: int = 32
     device: str = "cpu"
@@ -100,7 +101,9 @@ def load_components(cfg: TargetsConfig):
 
 
 def encode_images(pipe, images: h5py.Dataset, cfg: TargetsConfig):
-    """z (N, C, R/f, R/f) float32: resized (LANCZOS) to R, [-1, 1], posterior sample/mean x scaling_factor.
+    """z, z_mean (N, C, R/f, R/f) float32 and the scaling factor: images resized (LANCZOS) to R,
+    in [-1, 1]; z = posterior sample or mean (``cfg.latent``) x scaling_factor, z_mean = the
+    posterior mean x scaling_factor (the best any predictor of the image can do: Table 3's ceiling).
 
     The posterior noise of image i is drawn from its own seeded stream, so z does not
     depend on the batch size.
@@ -111,7 +114,7 @@ def encode_images(pipe, images: h5py.Dataset, cfg: TargetsConfig):
     from brainldm.train.ldm.image_model import pixels_to_vae
 
     sf = float(pipe.vae.config.scaling_factor)
-    out = []
+    out, means = [], []
     for start in tqdm(range(0, len(images), cfg.batch_size), desc="z", mininterval=5):
         batch = images[start:start + cfg.batch_size]
         resized = np.stack([np.asarray(Image.fromarray(im).resize((cfg.resolution,) * 2, Image.LANCZOS)) for im in batch])
@@ -119,11 +122,12 @@ def encode_images(pipe, images: h5py.Dataset, cfg: TargetsConfig):
         with torch.no_grad():
             dist = pipe.vae.encode(x).latent_dist
         z = dist.mean
+        means.append((z * sf).float().cpu().numpy())
         if cfg.latent == "sample":
             eps = np.stack([np.random.default_rng([cfg.seed, start + i]).standard_normal(z.shape[1:]) for i in range(len(z))])
             z = z + dist.std * torch.from_numpy(eps.astype(np.float32)).to(z.device)
         out.append((z * sf).float().cpu().numpy())
-    return np.concatenate(out), sf
+    return np.concatenate(out), np.concatenate(means), sf
 
 
 def encode_texts(pipe, captions: list[list[str]], cfg: TargetsConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -159,16 +163,17 @@ def make_targets(cfg: TargetsConfig, dataset: str) -> Path:
     with f:
         pipe = load_components(cfg)
         # 2. Latents and text states.
-        z, sf = encode_images(pipe, f["images"], cfg)
+        z, z_mean, sf = encode_images(pipe, f["images"], cfg)
         c, uncond = encode_texts(pipe, captions, cfg)
     # 3. One atomic write.
     with atomic_path(dst) as tmp:
         with h5py.File(tmp, "w") as out:
             out.create_dataset("z", data=z)
+            out.create_dataset("z_mean", data=z_mean)
             out.create_dataset("c", data=c)
             out.create_dataset("uncond", data=uncond)
             out.attrs.update(format_version=FORMAT_VERSION, config=config_to_json(cfg), scaling_factor=sf,
-                             model=str(cfg.model), dataset=dataset, constant_bos=True)
+                             latent=cfg.latent, model=str(cfg.model), dataset=dataset, constant_bos=True)
     return dst
 
 

@@ -53,20 +53,43 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def stage1_table(cfg: ReportConfig) -> list[str]:
-    """Table 3: one row per decoder, MSE and correlations per dataset, theirs beside."""
+    """Table 3: one row per decoder, MSE and correlations per dataset, theirs beside; then per
+    target its ceiling (a perfect predictor of the target as defined) and floor (the training mean)."""
     header = ["decoder", "target", "kind"] + [f"{d} {m}" for d in cfg.datasets for m in ("MSE", "r/dim", "ident.")]
     header += ["theirs NSD MSE", "theirs THINGS MSE"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_target: dict[str, dict[str, dict]] = {}
     for decoder in cfg.decoders:
         cells, kind, target = [], "", ""
         for dataset in cfg.datasets:
             m = _read_json(Path(cfg.decode_dir) / dataset / f"{decoder}.json")
             kind, target = m["kind"], m["target"]
+            by_target.setdefault(target, {}).setdefault(dataset, m)
             cells += [_fmt(m["mse"]), _fmt(m["pearson_dim"]), f"{m['identification']:.1%}"]
         theirs = THEIR_MSE.get((target, kind)) if decoder.count("-") == 1 else None  # ablations: none
         theirs_cells = [_fmt(t) for t in theirs] if theirs else ["–", "–"]
         lines.append("| " + " | ".join([decoder, target, kind] + cells + theirs_cells) + " |")
+    for target, per_dataset in by_target.items():
+        for label, key in (("ceiling: perfect predictor", "ceiling"), ("floor: training mean", "floor")):
+            cells = []
+            for dataset in cfg.datasets:
+                ref = per_dataset[dataset].get(key)
+                if ref is None:
+                    raise ValueError(f"{cfg.decode_dir}/{dataset}: decode metrics without '{key}'; rerun decode")
+                ident = ref.get("identification")
+                cells += [_fmt(ref.get("mse")), _fmt(ref.get("pearson_dim")), "–" if ident is None else f"{ident:.1%}"]
+            lines.append("| " + " | ".join([label, target, "–"] + cells + ["–", "–"]) + " |")
     return lines
+
+
+def target_definition(cfg: ReportConfig) -> str:
+    """The z target as the targets stage defined it (targets.latent), read from the decode metrics."""
+    dataset = cfg.datasets[0]
+    latents = {_read_json(Path(cfg.decode_dir) / dataset / f"{d}.json").get("z_latent") for d in cfg.decoders}
+    latent = ", ".join(sorted(str(x) for x in latents))
+    return (f"z is the VAE posterior {latent} x scaling factor (`targets.latent: {latent}`); c is the text "
+            "encoder's states. The ceiling rows score a perfect predictor of the target as defined (the posterior "
+            "mean for z); the floor rows predict every test image by the mean target of the training images.")
 
 
 def _metric_cell(summary: dict) -> str:
@@ -153,6 +176,7 @@ def build_report(cfg: ReportConfig) -> str:
         "Pearson r across test images, ident. = two-way identification in the target space (chance 50%).",
         "The last two columns are the original course project's MSE on real NSD / THINGS-fMRI with",
         "SD v1.4 targets: **theirs, different data and units, quoted for context only**.",
+        target_definition(cfg),
         "",
         *stage1_table(cfg),
         "",

@@ -65,6 +65,40 @@ def test_decode_writes_test_predictions_and_metrics(fitted, name, shape):
     assert m["identification"] > 0.9 and m["pearson_dim"] > 0.5
 
 
+def test_ceiling_and_floor_rows(fitted, tmp_path):
+    """Table 3's reference rows: the ceiling scores the posterior mean (z_mean) against the target,
+    and the floor predicts the training images' mean target, with no test image in that mean."""
+    data = make_fake_data(tmp_path / "sample")
+    (data / "models").symlink_to(fitted / "models", target_is_directory=True)
+    with h5py.File(data / "prepared" / "fake.h5") as p:
+        train_rows = np.unique(p["splits/train/image_index"][()])
+        test_rows = p["splits/test/image_index"][()]
+    rng = np.random.default_rng(0)
+    with h5py.File(data / "targets" / "fake.h5", "a") as f:
+        z_mean = f["z"][()]
+        sample = z_mean + rng.standard_normal(z_mean.shape).astype(np.float32)  # a posterior sample's noise
+        del f["z"]
+        f["z"] = sample
+        f.attrs["latent"] = "sample"
+    m = decode(decode_config(data), "fake", "cnn-z")
+    assert m["z_latent"] == "sample"
+    assert m["ceiling"] == stage1_metrics(sample[test_rows], z_mean[test_rows])
+    assert m["ceiling"]["pearson_dim"] < 0.99  # the posterior noise caps even a perfect predictor
+    floor = np.mean((sample[test_rows].astype(np.float64) - sample[train_rows].mean(0)) ** 2)
+    assert m["floor"]["mse"] == pytest.approx(floor, rel=1e-6)
+    # A test-only image's target moves the test scores but not the floor's prediction.
+    test_only = np.setdiff1d(test_rows, train_rows)[0]
+    with h5py.File(data / "targets" / "fake.h5", "a") as f:
+        f["z"][test_only] += 5.0
+        moved = f["z"][()]
+    again = decode(decode_config(data), "fake", "cnn-z")
+    expected = np.mean((moved[test_rows].astype(np.float64) - sample[train_rows].mean(0)) ** 2)
+    assert again["floor"]["mse"] == pytest.approx(expected, rel=1e-6) and again["floor"]["mse"] > floor
+    # With latent: mean the target is its own perfect predictor.
+    c = decode(decode_config(fitted), "fake", "cnn-c")["ceiling"]
+    assert c["mse"] == 0.0 and c["pearson_dim"] == pytest.approx(1.0) and c["identification"] == 1.0
+
+
 def test_decode_bad_inputs(fitted, tmp_path, capsys):
     config = decode_config(fitted)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):

@@ -67,8 +67,10 @@ def make_fake_data(root: Path, name: str = "fake", seed: int = 0, test_shift: fl
         f["graph"].attrs["pad_length"] = max(sum(ROI_SIZES[r] for r in n) for n in NODE_ROIS)
     with h5py.File(root / "targets" / f"{name}.h5", "w") as f:
         f["z"] = z.astype(np.float32)
+        f["z_mean"] = z.astype(np.float32)  # targets.latent: mean
         f["c"] = c.astype(np.float32)
         f.attrs["config"] = "{}"
+        f.attrs["latent"] = "mean"
     return root
 
 

@@ -49,7 +49,7 @@ def write_prepared(folder, captions=None, images=None):
 
 def config(tmp_path, model, **kw):
     base = dict(model=str(model), resolution=32, batch_size=2, prepared_dir=str(tmp_path / "prep"),
-                targets_dir=str(tmp_path / "targets"))
+                targets_dir=str(tmp_path / "targets"), latent="sample")
     return TargetsConfig(**{**base, **kw})
 
 
@@ -167,6 +167,10 @@ def test_z_is_the_vaes_own_encoding_times_the_scaling_factor(tmp_path, model):
     out_sample = make_targets(config(tmp_path, model, seed=seed, targets_dir=str(tmp_path / "s")), "toy")
     with h5py.File(out_mean) as f, h5py.File(out_sample) as g:
         z_mean, z_sample = f["z"][()], g["z"][()]
+        # z_mean (Table 3's perfect predictor) is the posterior mean under either definition of z
+        np.testing.assert_array_equal(f["z_mean"][()], z_mean)
+        np.testing.assert_array_equal(g["z_mean"][()], z_mean)
+        assert (f.attrs["latent"], g.attrs["latent"]) == ("mean", "sample")
     np.testing.assert_allclose(z_mean, sf * mean, rtol=0, atol=1e-5)
     # the sampling noise of image i: numpy stream (seed, i), as the stage documents
     eps = np.stack([np.random.default_rng([seed, i]).standard_normal(mean.shape[1:]) for i in range(N)])

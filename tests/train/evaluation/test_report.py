@@ -13,10 +13,12 @@ def _write(path, data):
 
 @pytest.fixture
 def results(tmp_path):
-    for dataset in ("a", "b"):
+    for dataset, floor in (("a", 1.25), ("b", 1.5)):
         for decoder, kind, target, mse in (("ridge-z", "ridge", "z", 0.9), ("gcn-z", "gcn", "z", 0.4)):
             _write(tmp_path / "decode" / dataset / f"{decoder}.json",
-                   {"kind": kind, "target": target, "mse": mse, "pearson_dim": 0.5, "identification": 0.875})
+                   {"kind": kind, "target": target, "mse": mse, "pearson_dim": 0.5, "identification": 0.875,
+                    "ceiling": {"mse": 0.0, "pearson_dim": 1.0, "identification": 1.0}, "floor": {"mse": floor},
+                    "z_latent": "mean"})
         summary = {"mean": 0.61, "sem": 0.01, "ci_low": 0.59, "ci_high": 0.63}
         _write(tmp_path / "evaluate" / dataset / "metrics.json",
                {"pairs": {"baseline": {"pixcorr": summary}, "ours": {"pixcorr": dict(summary, mean=0.7)}},
@@ -43,6 +45,18 @@ def test_report_tables_hold_our_numbers_and_label_theirs(results):
     assert "| b-ours | ort-cpu | NO | NO | NO | NO |" in text
     # the differences depend on ONNX Runtime's processor-specific kernels: they stay in the JSONs
     assert "1.4e-05" not in text and "3.5e-04" not in text
+
+
+def test_table3_carries_each_targets_ceiling_and_floor(results, tmp_path):
+    text = report.build_report(results)
+    assert "| ceiling: perfect predictor | z | – | 0.000 | 1.000 | 100.0% | 0.000 | 1.000 | 100.0% | – | – |" in text
+    assert "| floor: training mean | z | – | 1.250 | – | – | 1.500 | – | – | – | – |" in text
+    assert "`targets.latent: mean`" in text
+    data = json.loads((tmp_path / "decode" / "b" / "ridge-z.json").read_text())
+    del data["floor"]
+    _write(tmp_path / "decode" / "b" / "ridge-z.json", data)
+    with pytest.raises(ValueError, match="without 'floor'; rerun decode"):
+        report.build_report(results)
 
 
 def test_missing_metrics_file_is_named(results, tmp_path):
