@@ -109,9 +109,9 @@ def worker_runtime(args) -> dict:
         import numpy as np
 
         def one():
-            decoded = rec.decode(betas, session)
+            predicted = rec.predict_targets(betas, session)
             items = np.arange(batch)
-            return rec.generate(decoded.z, decoded.c, items, np.zeros(batch, np.int64), manifest.generation.seed)
+            return rec.generate(predicted.z, predicted.c, items, np.zeros(batch, np.int64), manifest.generation.seed)
 
         one()  # warm-up (ORT/TensorRT allocations, kernel selection)
         timers.seconds = dict.fromkeys(STAGES, 0.0)

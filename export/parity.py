@@ -220,17 +220,17 @@ def run_parity(cfg: ParityConfig, rc: ReconstructConfig, dataset: str, pair: str
                         fp16=cfg.fp16)
     check_settings(rec, rc)
     raw = read_raw_test(Path(cfg.prepared_dir) / f"{dataset}.h5")
-    decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"], cfg.batch_size)
+    predicted = rec.predict_targets(raw["betas"], raw["session"], raw["image_index"], cfg.batch_size)
     ref = reference_predictions(cfg, rc, dataset, pair)
-    if not np.array_equal(decoded.ids, ref["image_index"]):
-        raise ParityError(f"runtime items {decoded.ids.tolist()} (sorted raw_test image indices) differ from the test "
+    if not np.array_equal(predicted.ids, ref["image_index"]):
+        raise ParityError(f"runtime items {predicted.ids.tolist()} (sorted raw_test image indices) differ from the test "
                           f"split's image_index {ref['image_index'].tolist()}")
     metrics = {"dataset": dataset, "pair": pair, "backend": cfg.backend,
-               "pred_z_max_abs": float(np.abs(decoded.z - ref["z"]).max()),
-               "pred_c_max_abs": float(np.abs(decoded.c - ref["c"]).max())}
+               "pred_z_max_abs": float(np.abs(predicted.z - ref["z"]).max()),
+               "pred_c_max_abs": float(np.abs(predicted.c - ref["c"]).max())}
     # 2. Generation from each side's own predictions, with the same seeded noise.
     pipe = load_reference_pipeline(rc.model, device, dtype)
-    metrics.update(compare_generation(rec, pipe, ref, {"z": decoded.z, "c": decoded.c}, rc, cfg))
+    metrics.update(compare_generation(rec, pipe, ref, {"z": predicted.z, "c": predicted.c}, rc, cfg))
     metrics["passed"] = passes(metrics, cfg)
     metrics["tolerances"] = {"pred": cfg.pred_atol, "latent": cfg.latent_atol, "latent_rtol": cfg.latent_rtol,
                              "image": cfg.image_atol,

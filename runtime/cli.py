@@ -32,7 +32,7 @@ from PIL import Image
 
 from brainldm.runtime.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 from brainldm.runtime.backends import BACKENDS
-from brainldm.runtime.reconstructor import Decoded, Reconstructor, to_uint8
+from brainldm.runtime.reconstructor import PredictedTargets, Reconstructor, to_uint8
 
 INPUT_KEYS = ("betas", "session", "group")
 RESULT_PATTERNS = ("item*_s*.png", "index.csv", "run.json")
@@ -101,10 +101,10 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated run: the reconstructor, its decoded items, the samples per item and the noise seed."""
+    """A validated run: the reconstructor, its predicted items, the samples per item and the noise seed."""
 
     rec: Reconstructor
-    decoded: Decoded
+    predicted: PredictedTargets
     samples: int
     seed: int
     grouped: bool
@@ -117,8 +117,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     rec = Reconstructor(args.bundle, backend=args.backend, threads=args.threads, fp16=args.fp16)
     samples = int(rec.generation["samples"] if args.samples is None else args.samples)
     seed = int(rec.generation["seed"] if args.seed is None else args.seed)
-    decoded = rec.decode(data["betas"], data["session"], data["group"], args.batch_size)
-    return Prepared(rec, decoded, samples, seed, data["group"] is not None)
+    predicted = rec.predict_targets(data["betas"], data["session"], data["group"], args.batch_size)
+    return Prepared(rec, predicted, samples, seed, data["group"] is not None)
 
 
 def write_index(args: argparse.Namespace, run: Prepared, rows: list[tuple], out: Path) -> None:
@@ -128,7 +128,7 @@ def write_index(args: argparse.Namespace, run: Prepared, rows: list[tuple], out:
         writer.writerow(["item", "group", "sample", "file"])
         writer.writerows(rows)
     run_info = {"bundle": str(args.bundle), "betas": str(args.betas), "backend": args.backend, "fp16": args.fp16,
-                "samples": run.samples, "seed": run.seed, "n_items": len(run.decoded.ids), "grouped": run.grouped}
+                "samples": run.samples, "seed": run.seed, "n_items": len(run.predicted.ids), "grouped": run.grouped}
     write_text_atomic(out / "run.json", json.dumps(run_info, indent=2, sort_keys=True))
 
 
@@ -141,7 +141,7 @@ def run_reconstruct(args: argparse.Namespace) -> Path:
     run = prepare(args)
     out = Path(args.out)
     check_out_dir(out, args.overwrite)
-    rows = write_pngs(run.rec, run.decoded, run.samples, run.seed, args.batch_size, out)
+    rows = write_pngs(run.rec, run.predicted, run.samples, run.seed, args.batch_size, out)
     write_index(args, run, rows, out)
     return out
 
@@ -151,7 +151,7 @@ def png_name(item: int, sample: int) -> str:
     return f"item{item:04d}_s{sample}.png"
 
 
-def write_pngs(rec: Reconstructor, decoded, samples: int, seed: int, batch_size: int, out: Path) -> list[tuple]:
+def write_pngs(rec: Reconstructor, predicted, samples: int, seed: int, batch_size: int, out: Path) -> list[tuple]:
     """Generate batch by batch, writing each PNG atomically; returns the index rows.
 
     A backend failure mid-way becomes a ``BatchFailedError`` that says how many complete
@@ -159,14 +159,14 @@ def write_pngs(rec: Reconstructor, decoded, samples: int, seed: int, batch_size:
     """
     rows = []
     try:
-        for items, sample_idx, images in rec.iter_batches(decoded, samples, seed, batch_size=batch_size,
+        for items, sample_idx, images in rec.iter_batches(predicted, samples, seed, batch_size=batch_size,
                                                           progress=True):
             for i, s, image in zip(items, sample_idx, to_uint8(images)):
                 name = png_name(i, s)
                 write_bytes_atomic(out / name, png_bytes(image))
-                rows.append((int(i), int(decoded.ids[i]), int(s), name))
+                rows.append((int(i), int(predicted.ids[i]), int(s), name))
     except Exception as exc:  # onnxruntime's errors derive from Exception only; KeyboardInterrupt passes
-        raise BatchFailedError(f"reconstruction failed after {len(rows)} of {len(decoded.ids) * samples} images "
+        raise BatchFailedError(f"reconstruction failed after {len(rows)} of {len(predicted.ids) * samples} images "
                                f"({type(exc).__name__}: {exc}); the {len(rows)} PNGs in {out} are complete, "
                                "no index.csv was written; rerun with --overwrite") from exc
     return rows

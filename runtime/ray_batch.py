@@ -79,7 +79,7 @@ class ReconstructActor:
     Args:
         bundle: absolute bundle folder (the same path on every node); loaded and hash-verified once.
         backend, threads, fp16: as ``Reconstructor``.
-        z: (m, C, h, w) float32 latents x scaling; c: (m, T, D) float32 text states (the driver's decode).
+        z: (m, C, h, w) float32 latents x scaling; c: (m, T, D) float32 text states (the driver's brain decoding).
         seed: the noise seed; out: absolute output folder (the same path on every node).
     """
 
@@ -100,7 +100,7 @@ class ReconstructActor:
 
 def run_ray(args: argparse.Namespace) -> Path:
     """The `reconstruct` command on Ray; returns the output folder (the CLI's files, the CLI's errors)."""
-    # every input is checked here, before Ray starts or any file is written; the driver only decodes,
+    # every input is checked here, before Ray starts or any file is written; the driver only predicts targets,
     # so its sessions are dropped (memory, or a GPU, that a co-located actor needs)
     run = dataclasses.replace(prepare(args), rec=None)
     ray = _import_ray()
@@ -189,19 +189,19 @@ def _actor_gpus(args) -> float:
 
 
 def _n_batches(run: Prepared, batch_size: int) -> int:
-    return math.ceil(len(run.decoded.ids) * run.samples / batch_size)
+    return math.ceil(len(run.predicted.ids) * run.samples / batch_size)
 
 
 def _dataset(ray, run: Prepared, args: argparse.Namespace, out: Path, actors: int):
     """The (item, sample) rows, item-major as the CLI's batches, mapped by a pool of ``actors``."""
-    items, samples = np.divmod(np.arange(len(run.decoded.ids) * run.samples), run.samples)
+    items, samples = np.divmod(np.arange(len(run.predicted.ids) * run.samples), run.samples)
     rows = [{"item": int(i), "sample": int(s)} for i, s in zip(items, samples)]
     # one input block per batch, so batches never wait for rows from another block
     dataset = ray.data.from_items(rows, override_num_blocks=_n_batches(run, args.batch_size))
     cpus = _actor_cpus(args)
     kwargs = {"bundle": str(Path(args.bundle).resolve()), "backend": args.backend, "fp16": args.fp16,
               # --threads 0 ("all cores") means the actor's reserved CPUs: actors share a node
-              "threads": args.threads or max(1, int(cpus)), "z": run.decoded.z, "c": run.decoded.c,
+              "threads": args.threads or max(1, int(cpus)), "z": run.predicted.z, "c": run.predicted.c,
               "seed": run.seed, "out": str(out.resolve())}
     with warnings.catch_warnings():
         # Ray 2.60 takes max_restarts / max_task_retries only as (deprecated) ray_remote_args
@@ -218,7 +218,7 @@ def _generate(ray, run: Prepared, args: argparse.Namespace, out: Path, actors: i
     A failing batch becomes a ``BatchFailedError``, a KeyboardInterrupt passes; either only
     once the pool's actors are gone, so that no writer outlives the driver's cleanup.
     """
-    total = len(run.decoded.ids) * run.samples
+    total = len(run.predicted.ids) * run.samples
     free = _free_resources(ray)
     done: dict[tuple[int, int], str] = {}
     failure, interrupted = None, False
@@ -239,7 +239,7 @@ def _generate(ray, run: Prepared, args: argparse.Namespace, out: Path, actors: i
         raise BatchFailedError(failure)
     if len(done) != total:
         raise BatchFailedError(f"Ray returned {len(done)} of {total} images; no index.csv was written")
-    return [(i, int(run.decoded.ids[i]), s, done[(i, s)]) for i, s in sorted(done)]
+    return [(i, int(run.predicted.ids[i]), s, done[(i, s)]) for i, s in sorted(done)]
 
 
 def _collect(dataset, total: int, done: dict[tuple[int, int], str]) -> None:

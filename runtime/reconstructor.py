@@ -30,13 +30,13 @@ from brainldm.runtime.bundle_format import DECODER_KEYS, FP16_MODELS, MODEL_NAME
 from brainldm.runtime.ddim import DDIMScheduler, classifier_free_guidance
 from brainldm.runtime.generation import NOISE_STREAM_DIFFUSION, NOISE_STREAM_POSTERIOR, numpy_noise, to_uint8
 
-__all__ = ["Decoded", "Reconstructor", "to_uint8"]  # to_uint8: callers quantise reconstruct_float's images with it
+__all__ = ["PredictedTargets", "Reconstructor", "to_uint8"]  # to_uint8: callers quantise reconstruct_float's images with it
 STATIC_UNET_INPUTS = frozenset({"encoder_hidden_states"})  # one copy to the GPU per batch, not per step
 
 
 @dataclass(frozen=True)
-class Decoded:
-    """Decoder outputs per item: ids (m,) int64 group ids (or rows), z (m, C, h, w), c (m, T, D) float32."""
+class PredictedTargets:
+    """The brain decoders' outputs per item: ids (m,) int64 group ids (or rows), z (m, C, h, w), c (m, T, D) float32."""
 
     ids: np.ndarray
     z: np.ndarray
@@ -75,15 +75,18 @@ class Reconstructor:
     def _run(self, name: str, static: frozenset[str] = frozenset(), **feeds: np.ndarray) -> list[np.ndarray]:
         return self.models[name].run({k: np.asarray(v, dtype=np.float32) for k, v in feeds.items()}, static)
 
-    def decode(self, betas: np.ndarray, session=None, group=None, batch_size: int = 64) -> Decoded:
-        """Raw ``betas (n, V)`` (+ session (n,) 1-based, group (n,) ids) -> per-item z and c."""
+    def predict_targets(self, betas: np.ndarray, session=None, group=None, batch_size: int = 64) -> PredictedTargets:
+        """Brain decoding: raw ``betas (n, V)`` (+ session (n,) 1-based, group (n,) ids) -> per-item z and c.
+
+        Named for what comes out (the decoders' predicted targets), not "decode", which in an LDM is the VAE's.
+        """
         ids, inputs = preprocess.preprocess(betas, session, group, self.bundle)
         out = {}
         for key in DECODER_KEYS:
             x = inputs[key]
             parts = [self._run(decoder_model(key), x=x[s:s + batch_size])[0] for s in range(0, len(x), batch_size)]
             out[key] = np.concatenate(parts).astype(np.float32)
-        return Decoded(ids, out["z"], out["c"])
+        return PredictedTargets(ids, out["z"], out["c"])
 
     def _noise(self, stream: int, items: np.ndarray, samples: np.ndarray, seed: int, noise) -> np.ndarray:
         key = "posterior" if stream == NOISE_STREAM_POSTERIOR else "diffusion"
@@ -141,19 +144,19 @@ class Reconstructor:
             mean = mean + std * self._noise(NOISE_STREAM_POSTERIOR, items, samples, seed, noise)
         return mean * self.scaling
 
-    def iter_batches(self, decoded: Decoded, samples: int, seed: int, noise: dict | None = None,
+    def iter_batches(self, predicted: PredictedTargets, samples: int, seed: int, noise: dict | None = None,
                      batch_size: int = 8, progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield (items (B,), samples (B,), images (B, R, R, 3) float32) over all (item, sample) pairs."""
         if samples < 1 or batch_size < 1:
             raise ValueError(f"samples={samples} and batch_size={batch_size}; expected both >= 1")
-        items, sample_idx = np.divmod(np.arange(len(decoded.ids) * samples), samples)
+        items, sample_idx = np.divmod(np.arange(len(predicted.ids) * samples), samples)
         starts = range(0, len(items), batch_size)
         # a context, not a wrapped iterator: a failing or interrupted batch closes the bar at once,
         # before the caller prints its message (a wrapped iterator closes only when collected)
         with tqdm(total=len(starts), desc="reconstruct", unit="batch", disable=not progress) as bar:
             for start in starts:
                 it, sa = items[start:start + batch_size], sample_idx[start:start + batch_size]
-                yield it, sa, self.generate(decoded.z[it], decoded.c[it], it, sa, seed, noise)
+                yield it, sa, self.generate(predicted.z[it], predicted.c[it], it, sa, seed, noise)
                 bar.update()
 
     def reconstruct_float(self, betas: np.ndarray, session=None, group=None, samples: int | None = None,
@@ -161,9 +164,9 @@ class Reconstructor:
         """Raw betas -> images (m, K, R, R, 3) float32 in [0, 1]; m items, K samples (bundle defaults)."""
         samples = int(self.bundle.generation.samples if samples is None else samples)
         seed = int(self.bundle.generation.seed if seed is None else seed)
-        decoded = self.decode(betas, session, group)
-        out = np.empty((len(decoded.ids), samples, self.resolution, self.resolution, 3), np.float32)
-        for it, sa, images in self.iter_batches(decoded, samples, seed, noise, batch_size):
+        predicted = self.predict_targets(betas, session, group)
+        out = np.empty((len(predicted.ids), samples, self.resolution, self.resolution, 3), np.float32)
+        for it, sa, images in self.iter_batches(predicted, samples, seed, noise, batch_size):
             out[it, sa] = images
         return out
 

@@ -56,23 +56,23 @@ def test_batch_composition_and_trial_order_do_not_matter(rec, raw):
 
 
 def test_given_noise_replaces_the_seeded_draws(rec, raw):
-    decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"])
+    predicted = rec.predict_targets(raw["betas"], raw["session"], raw["image_index"])
     items, samples = np.array([0, 3]), np.array([1, 0])
-    seeded = rec.generate(decoded.z[items], decoded.c[items], items, samples, seed=5)
+    seeded = rec.generate(predicted.z[items], predicted.c[items], items, samples, seed=5)
     shape = (len(TEST_IMAGES), 2) + rec.latent_shape
     noise = {"posterior": np.zeros(shape, np.float32), "diffusion": np.zeros(shape, np.float32)}
     for stream, key in ((0, "posterior"), (1, "diffusion")):
         for i, s in zip(items, samples):
             noise[key][i, s] = rr.numpy_noise(5, int(i), int(s), stream, rec.latent_shape)
-    np.testing.assert_array_equal(rec.generate(decoded.z[items], decoded.c[items], items, samples, 0, noise), seeded)
+    np.testing.assert_array_equal(rec.generate(predicted.z[items], predicted.c[items], items, samples, 0, noise), seeded)
     noise["diffusion"][:] = 0
-    assert not np.allclose(rec.generate(decoded.z[items], decoded.c[items], items, samples, 0, noise), seeded)
+    assert not np.allclose(rec.generate(predicted.z[items], predicted.c[items], items, samples, 0, noise), seeded)
 
 
 def test_given_init_latents_replace_the_reencoding(rec, raw):
-    decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"])
+    predicted = rec.predict_targets(raw["betas"], raw["session"], raw["image_index"])
     items, samples = np.array([0, 1]), np.array([0, 1])
-    z, c = decoded.z[items], decoded.c[items]
+    z, c = predicted.z[items], predicted.c[items]
     init = rec.reencode(z, items, samples, 7, None)
     np.testing.assert_array_equal(rec.generate(z, c, items, samples, 7, init=init), rec.generate(z, c, items, samples, 7))
     assert not np.allclose(rec.generate(z, c, items, samples, 7, init=init + 0.5), rec.generate(z, c, items, samples, 7))
@@ -80,13 +80,13 @@ def test_given_init_latents_replace_the_reencoding(rec, raw):
 
 def test_matches_reference_reconstruct_batch(rec, raw, tmp_path):
     """Same z, c, items and noise seeds as the reference stage: images agree to 1e-2 (fp32 CPU)."""
-    decoded = rec.decode(raw["betas"], raw["session"], raw["image_index"])
+    predicted = rec.predict_targets(raw["betas"], raw["session"], raw["image_index"])
     pipe = reference.load_reference_pipeline(rec.bundle.image_model.source)
     cfg = reference.ReconstructConfig(steps=10, strength=0.8, guidance=5.0, seed=42, encode_mode="sample")
     items, samples = np.array([0, 1, 2, 3]), np.array([0, 1, 0, 1])
-    expected = reference.reconstruct_batch(pipe, decoded.z[items], decoded.c[items], rec.bundle.uncond, items,
+    expected = reference.reconstruct_batch(pipe, predicted.z[items], predicted.c[items], rec.bundle.uncond, items,
                                            samples, cfg)
-    got = rec.generate(decoded.z[items], decoded.c[items], items, samples, seed=42)
+    got = rec.generate(predicted.z[items], predicted.c[items], items, samples, seed=42)
     assert np.abs(got - expected).max() <= 1e-4
 
 
@@ -150,7 +150,7 @@ def test_split_batch_cpu_model_matches_one_thread(rec, raw):
     one = rec.reconstruct_float(*args, samples=2, seed=3, batch_size=3)
     two = split.reconstruct_float(*args, samples=2, seed=3, batch_size=3)
     assert np.abs(two - one).max() <= 1e-6
-    z = rec.decode(*args).z[:1]  # a batch of 1 < 2 threads runs on the intra-op-threaded session
+    z = rec.predict_targets(*args).z[:1]  # a batch of 1 < 2 threads runs on the intra-op-threaded session
     np.testing.assert_allclose(split._run("vae_decoder", latents=z)[0], rec._run("vae_decoder", latents=z)[0],
                                atol=1e-6)
     assert split.models["vae_decoder"]._threaded is not None
