@@ -25,6 +25,7 @@ VOXELS = "betas_csv/sub-{:02d}_VoxelMetadata.csv"
 STIMULI = "betas_csv/sub-{:02d}_StimulusMetadata.csv"
 IMAGES = "object_images"
 CONCEPTS = "things_concepts.tsv"
+NOISE_CEILING_PREFIX = "nc_"  # nc_testset, nc_singletrial: from the test repeats
 CONCEPT_WORD, CONCEPT_DEFINITION = "Word", "Definition (from WordNet, Google, or Wikipedia)"
 STIMULUS_COLUMNS = ("trial_type", "session", "run", "trial_id", "stimulus")
 TRIAL_TYPES = ("train", "test")
@@ -76,6 +77,7 @@ def roi_voxel_ids(path: Path, rois: dict) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: duplicated voxel_id rows; expected one row per voxel")
     out = {}
     for name, spec in rois.items():
+        _refuse_test_statistics(path, name, spec.columns)
         missing = [c for c in spec.columns if c not in meta.columns]
         if not spec.columns or missing:
             raise ValueError(f"{path}: ROI {name!r} columns {list(spec.columns)} missing {missing}; "
@@ -88,6 +90,17 @@ def roi_voxel_ids(path: Path, rois: dict) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: ROI {name!r} (columns {list(spec.columns)}) selects zero voxels")
         out[name] = ids
     return out
+
+
+def _refuse_test_statistics(path: Path, name: str, columns: Sequence[str]) -> None:
+    # THINGS computes nc_testset / nc_singletrial from the test images' repeats: a voxel selection
+    # made with them has seen the test set, so the test scores would be optimistic.
+    leaking = [c for c in columns if c.startswith(NOISE_CEILING_PREFIX)]
+    if leaking:
+        raise ValueError(
+            f"{path}: ROI {name!r} uses {leaking}, noise ceilings computed from the test set's repeats; "
+            f"expected anatomical or localiser columns (e.g. V1, lFFA): selecting voxels by test data leaks it"
+        )
 
 
 def read_responses(path: Path, voxel_ids: np.ndarray, n_trials: int) -> np.ndarray:

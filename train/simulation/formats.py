@@ -193,14 +193,10 @@ GLASSER_COLUMNS = {  # a few HCP-MMP (Glasser) parcels, as newer releases add th
     "glasser-FFC": ("lFFA", "rFFA"), "glasser-PHA1": ("lPPA", "rPPA"),
 }
 IMAGE_DEGREES = 10.0  # THINGS images subtend 10 degrees of visual angle
-KIND_DEFINITIONS = {
-    "circle": "a flat round shape whose edge is everywhere the same distance from its centre",
-    "square": "a flat shape with four equal straight sides and four right angles",
-    "triangle": "a flat shape with three straight sides and three angles",
-    "cross": "a shape made of two bars that cross each other at right angles",
-    "ring": "a flat round band with a hole in the middle",
-    "diamond": "a square standing on one of its corners, like a rhombus",
-}
+# THINGS gives each concept a WordNet definition; the simulated ones are written in the small
+# LDM's caption vocabulary, because a word outside its tokenizer falls apart into sub-word pieces
+# that its text encoder never saw in training, and c would then encode noise (a test checks this).
+CONCEPT_DEFINITION = "a simple {colour} {kind} shape drawn on the image"
 
 
 def noise_ceiling(test_repeats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +254,7 @@ def things_stimulus_metadata(
 def things_concepts(concepts: list[str]) -> pd.DataFrame:
     """``things_concepts.tsv`` rows: Word, uniqueID (= concept), definition, for ``colour_kind`` concepts."""
     words = [c.replace("_", " ") for c in concepts]
-    definitions = [f"{KIND_DEFINITIONS[c.split('_')[1]]}, coloured {c.split('_')[0]}" for c in concepts]
+    definitions = [CONCEPT_DEFINITION.format(colour=c.split("_")[0], kind=c.split("_")[1]) for c in concepts]
     return pd.DataFrame({
         "Word": words, "uniqueID": concepts, "Definition (from WordNet, Google, or Wikipedia)": definitions,
         "Wordnet ID": [f"{w}.n.01" for w in concepts],

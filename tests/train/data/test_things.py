@@ -132,3 +132,11 @@ def test_images_of_different_sizes_need_image_size(tmp_path):
     build_things(tmp_path)
     with pytest.raises(ValueError, match="differ in size"):
         things.load(config(tmp_path, image_size=None))
+
+
+@pytest.mark.parametrize("column", ["nc_testset", "nc_singletrial"])
+def test_roi_by_noise_ceiling_is_refused(tmp_path, column):
+    # nc_* come from the test images' repeats: selecting voxels by them leaks the test set.
+    build_things(tmp_path)
+    with pytest.raises(ValueError, match=rf"ROI 'R' uses \['{column}'\].*test set"):
+        things.load(config(tmp_path, rois={"R": {"columns": ["V1", column]}}))
