@@ -149,6 +149,27 @@ def roi_voxel_ids(root: Path, subject: int, atlas: str, labels: Sequence[str | i
     return ids.astype(np.int64), volume.shape
 
 
+def select_test_images(trial_ids: np.ndarray, shared: np.ndarray, min_repeats: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Trials kept (T,) bool and the sorted 0-based 73k ids (N,) of the images they show.
+
+    Test images are the shared images (``shared``, 0-based) shown at least ``min_repeats`` times
+    in these trials (every one shown when None). A shared image shown fewer times is dropped with
+    its trials: it is not a test image, and it must not enter training, because it is every other
+    subject's test image. As published: the 37 sessions of the first release show 982 shared
+    images at least once (the test set of MindEye1 and Brain-Diffuser, 8,859 training images);
+    all 40 sessions show each of the 1000 three times; a minimum of 3 keeps only test images
+    averaged over three repeats.
+    """
+    image_ids, repeats = np.unique(trial_ids, return_counts=True)
+    dropped = np.isin(image_ids, shared) & (repeats < (min_repeats or 1))
+    kept = image_ids[~dropped]
+    if min_repeats is not None and not np.isin(kept, shared).any():
+        raise ValueError(f"test_min_repeats {min_repeats}: no shared image is shown that often in these "
+                         f"{len(trial_ids)} trials (most: {repeats[np.isin(image_ids, shared)].max(initial=0)}); "
+                         f"expected a smaller minimum or more sessions")
+    return ~np.isin(trial_ids, image_ids[dropped]), kept
+
+
 def resize_square(image: np.ndarray, size: int | None) -> np.ndarray:
     """(H, W, 3) uint8 -> (size, size, 3) uint8 (LANCZOS); unchanged when size is None."""
     if size is None:
@@ -336,16 +357,17 @@ def load(ds: DatasetConfig) -> RawData:
         [read_session(p, ds.betas_format, voxel_ids, grid)
          for p in tqdm(files, desc=f"nsd {subject_dir(subject)} betas")]
     )
-    # 4. images shown, test = sharedix, stimuli and captions
-    image_ids = np.unique(trial_ids)
+    # 4. images shown, test = sharedix shown test_min_repeats times, stimuli and captions
+    kept, image_ids = select_test_images(trial_ids, design.sharedix - 1, ds.test_min_repeats)
+    trial_ids = trial_ids[kept]
     return RawData(
         source="nsd",
         subject=subject_dir(subject),
-        betas=betas,
+        betas=betas[kept],
         voxel_ids=voxel_ids,
         roi_columns={name: np.searchsorted(voxel_ids, ids) for name, ids in roi_ids.items()},
         trial_image=np.searchsorted(image_ids, trial_ids).astype(np.int64),
-        trial_session=np.repeat(np.arange(1, len(counts) + 1), counts).astype(np.int64),
+        trial_session=np.repeat(np.arange(1, len(counts) + 1), counts)[kept].astype(np.int64),
         image_ids=image_ids.astype(np.int64),
         image_names=[f"nsd-{i}" for i in image_ids],
         image_is_test=np.isin(image_ids, design.sharedix - 1),

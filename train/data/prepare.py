@@ -46,7 +46,9 @@ class RoiSpec:
 class DatasetConfig:
     """One dataset: source nsd|things, root folder, 1-based subject, ROIs, sessions
     (count of sessions 1..n, or None for all present), NSD betas format hdf5|nifti,
-    image_size (square output side in pixels, LANCZOS; None keeps NSD's native size)."""
+    image_size (square output side in pixels, LANCZOS; None keeps NSD's native size),
+    NSD test_min_repeats (test = the shared images shown at least this often; None: all shown;
+    see ``nsd.select_test_images``)."""
 
     source: str
     root: str
@@ -55,6 +57,7 @@ class DatasetConfig:
     sessions: int | None = None
     betas_format: str | None = None  # NSD only: hdf5 | nifti
     image_size: int | None = None
+    test_min_repeats: int | None = None  # NSD only
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ def load_raw(ds: DatasetConfig) -> RawData:
         if wrong:
             expected = "atlas + labels" if ds.source == "nsd" else "columns"
             raise ValueError(f"ROI {name!r}: a {ds.source} ROI is given by {expected}, got {wrong!r}")
+    if ds.test_min_repeats is not None and (ds.source != "nsd" or ds.test_min_repeats < 1):
+        raise ValueError(f"test_min_repeats {ds.test_min_repeats} for a {ds.source} dataset; expected a positive "
+                         f"count for NSD, or null (THINGS: every test image has its 12 repeats)")
     if ds.image_size is not None and ds.image_size < 1:
         raise ValueError(f"image_size {ds.image_size}; expected a positive pixel count or null")
     if ds.source == "nsd":
@@ -269,12 +275,12 @@ def write_prepared(path: Path, name: str, config: PrepareConfig, result: Prepare
         f["graph"].attrs["pad_length"] = int(graph.pad_length)
 
 
-def run(config: PrepareConfig, name: str) -> Path:
-    """Prepare dataset ``name`` and write ``<output_dir>/<name>.h5``; returns the path."""
-    if name not in config.datasets:
-        raise ValueError(f"--dataset {name!r} not in prepare.datasets; configured: {sorted(config.datasets)}")
-    path = Path(config.output_dir) / f"{name}.h5"
-    write_prepared(path, name, config, prepare(config.datasets[name], config))
+def run(cfg: PrepareConfig, dataset: str) -> Path:
+    """Prepare dataset ``dataset`` and write ``<output_dir>/<dataset>.h5``; returns the path."""
+    if dataset not in cfg.datasets:
+        raise ValueError(f"--dataset {dataset!r} not in prepare.datasets; configured: {sorted(cfg.datasets)}")
+    path = Path(cfg.output_dir) / f"{dataset}.h5"
+    write_prepared(path, dataset, cfg, prepare(cfg.datasets[dataset], cfg))
     return path
 
 

@@ -187,3 +187,43 @@ def test_all_sessions_with_a_gap_is_an_error(tmp_path):
     (Path(tmp_path) / nsd.BETAS_DIR.format(subj="subj01") / "betas_session02.hdf5").unlink()
     with pytest.raises(FileNotFoundError, match=r"betas_session02\.hdf5.*present: \[1, 3\]"):
         nsd.load(config(tmp_path))
+
+
+def test_select_test_images_by_minimum_repeats():
+    # images 7 (shared, 3x), 8 (shared, 1x), 9 (not shared, 1x), 4 (shared, 2x)
+    trials = np.array([7, 8, 7, 9, 4, 7, 4])
+    shared = np.array([4, 7, 8])
+    kept, images = nsd.select_test_images(trials, shared, None)
+    assert kept.all() and images.tolist() == [4, 7, 8, 9]
+    kept, images = nsd.select_test_images(trials, shared, 2)
+    assert trials[kept].tolist() == [7, 7, 9, 4, 7, 4] and images.tolist() == [4, 7, 9]
+    kept, images = nsd.select_test_images(trials, shared, 3)
+    assert trials[kept].tolist() == [7, 7, 9, 7] and images.tolist() == [7, 9]  # 9 stays: a training image
+    with pytest.raises(ValueError, match=r"test_min_repeats 4: no shared image is shown that often .*most: 3"):
+        nsd.select_test_images(trials, shared, 4)
+
+
+def test_load_drops_shared_images_below_the_minimum(tmp_path):
+    fx = build_nsd(tmp_path, per_session=7)  # 21 trials over 12 images: some shown twice, some once
+    ids, repeats = np.unique(fx.trial_ids, return_counts=True)
+    rare = set(ids[np.isin(ids, fx.shared) & (repeats < 2)].tolist())
+    assert rare, "the fixture must show a shared image only once for this test to mean anything"
+    raw = nsd.load(config(tmp_path, test_min_repeats=2))
+    assert not rare & set(raw.image_ids.tolist())
+    assert raw.image_ids[raw.trial_image].tolist() == [t for t in fx.trial_ids.tolist() if t not in rare]
+    assert len(raw.betas) == len(raw.trial_session) == len(raw.trial_image)
+    assert raw.image_ids[raw.image_is_test].tolist() == sorted(set(fx.shared.tolist()) - rare)
+    everything = nsd.load(config(tmp_path))
+    assert everything.image_is_test.sum() == len(fx.shared)
+    kept = ~np.isin(fx.trial_ids, list(rare))
+    np.testing.assert_array_equal(raw.betas, everything.betas[kept])
+    np.testing.assert_array_equal(raw.trial_session, everything.trial_session[kept])
+
+
+def test_test_min_repeats_is_nsd_only_and_positive(tmp_path):
+    from brainldm.train.data.prepare import load_raw
+    with pytest.raises(ValueError, match=r"test_min_repeats 0 for a nsd dataset; expected a positive count"):
+        load_raw(config(tmp_path, test_min_repeats=0))
+    with pytest.raises(ValueError, match=r"test_min_repeats 3 for a things dataset"):
+        load_raw(from_dict(DatasetConfig, {"source": "things", "root": str(tmp_path), "subject": 1,
+                                           "rois": {"V1": {"columns": ["V1"]}}, "test_min_repeats": 3}))

@@ -252,3 +252,20 @@ def test_bad_layout_and_format_raise(tmp_path):
     with pytest.raises(ValueError, match="betas_format"):
         simulate.run(replace(small, nsd=replace(small.nsd, betas_format="mgz")), ("sim-nsd",))
     assert not (tmp_path / "sim-nsd").exists()
+
+
+def test_nsdgeneral_roi_through_the_loader_holds_the_decoding_rois(built):
+    # MindEye's whole-visual-cortex ROI: one integer label, no colour table needed.
+    from brainldm.train.config import from_dict
+    from brainldm.train.data import nsd as nsd_loader
+    from brainldm.train.data.prepare import DatasetConfig
+
+    _, _, root = built
+    rois = {"nsdgeneral": {"atlas": "nsdgeneral", "labels": [1]},
+            "V1": {"atlas": "prf-visualrois", "labels": ["V1v", "V1d"]},
+            "higher": {"atlas": "streams", "labels": ["ventral", "lateral", "parietal"]}}
+    raw = nsd_loader.load(from_dict(DatasetConfig, {"source": "nsd", "root": str(root / "sim-nsd"), "subject": 1,
+                                                    "rois": rois, "betas_format": "hdf5"}))
+    general = set(raw.roi_columns["nsdgeneral"].tolist())
+    assert len(general) == len(raw.voxel_ids)  # the other ROIs lie inside it
+    assert set(raw.roi_columns["V1"].tolist()) < general and set(raw.roi_columns["higher"].tolist()) < general
