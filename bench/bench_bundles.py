@@ -39,11 +39,11 @@ def tiny_bundle(root: Path, steps: int) -> Path:
     """The test suite's tiny model and decoders exported to a bundle (CPU benchmark fallback)."""
     import dataclasses
 
-    from brainldm.export.export import build_bundle
+    from brainldm.export import export
     from tests.export.tiny_bundle import DATASET, PAIR, make_configs
 
     ecfg, rc = make_configs(root)
-    return build_bundle(ecfg, dataclasses.replace(rc, steps=steps), DATASET, PAIR)
+    return export.run(ecfg, dataclasses.replace(rc, steps=steps), DATASET, PAIR)
 
 
 def save_random_model(folder: Path, vae, unet) -> Path:
@@ -72,7 +72,8 @@ def random_bundle(root: Path, name: str, vae, unet, steps: int, **export_overrid
     import numpy as np
     import torch
 
-    from brainldm.export.export import ExportConfig, build_bundle
+    from brainldm.export import export
+    from brainldm.export.export import ExportConfig
     from brainldm.train.decoding import decoders
     from brainldm.train.reconstruction.reconstruct import PairConfig, ReconstructConfig
 
@@ -99,7 +100,7 @@ def random_bundle(root: Path, name: str, vae, unet, steps: int, **export_overrid
                         **export_overrides)
     rc = ReconstructConfig(model=str(root / name), pairs={name: PairConfig(z=f"{name}-z", c=f"{name}-c")},
                            samples=1, steps=steps, seed=0)
-    return build_bundle(ecfg, rc, "bench", name)
+    return export.run(ecfg, rc, "bench", name)
 
 
 def build_sd14_bundle(root: Path, steps: int) -> Path:

@@ -211,21 +211,21 @@ def _manifest(prepared: dict, rc: ReconstructConfig, pair_name: str, checkpoints
     )
 
 
-def build_bundle(cfg: ExportConfig, rc: ReconstructConfig, dataset: str, pair_name: str) -> Path:
-    """Export the pair ``pair_name`` of ``rc.pairs`` for ``dataset``; returns the bundle folder."""
-    if pair_name not in rc.pairs:
-        raise ConfigError(f"unknown pair '{pair_name}'; configured pairs (reconstruct.pairs): {sorted(rc.pairs)}")
+def run(cfg: ExportConfig, rc: ReconstructConfig, dataset: str, pair: str) -> Path:
+    """Export the pair ``pair`` of ``rc.pairs`` for ``dataset``; returns the bundle folder."""
+    if pair not in rc.pairs:
+        raise ConfigError(f"unknown pair '{pair}'; configured pairs (reconstruct.pairs): {sorted(rc.pairs)}")
     check_encode_mode(rc.encode_mode, "reconstruct.encode_mode")
     # 1. Inputs: prepared layout, decoders, image model, unconditional states.
     prepared = read_prepared(Path(cfg.prepared_dir) / f"{dataset}.h5")
-    checkpoints = load_pair(cfg, dataset, rc.pairs[pair_name])
-    columns = {k: decoder_columns(ck, prepared["columns"], f"decoder '{getattr(rc.pairs[pair_name], k)}'")
+    checkpoints = load_pair(cfg, dataset, rc.pairs[pair])
+    columns = {k: decoder_columns(ck, prepared["columns"], f"decoder '{getattr(rc.pairs[pair], k)}'")
                for k, ck in checkpoints.items()}
     uncond = load_uncond(cfg, dataset, checkpoints["c"].spec.target_shape)
     pipe = load_reference_pipeline(rc.model)
     resolution = rc.resolution or native_resolution(pipe)
     check_z_fits(checkpoints["z"].spec.target_shape, pipe)
-    out = Path(cfg.out_dir) / f"{dataset}-{pair_name}"
+    out = Path(cfg.out_dir) / f"{dataset}-{pair}"
     with atomic_path(out, suffix="") as tmp:
         tmp.mkdir()
         # 2. Graphs, each checked against torch (raises before anything is renamed into place).
@@ -240,10 +240,10 @@ def build_bundle(cfg: ExportConfig, rc: ReconstructConfig, dataset: str, pair_na
         trt = tensorrt_engines.build_all(tmp, models, cfg.trt_batch_sizes, sides) if cfg.tensorrt else None
         files = {p.relative_to(tmp).as_posix(): bf.file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         config = {"export": config_to_record(cfg), "reconstruct": config_to_record(rc)}
-        bf.write_manifest(tmp, _manifest(prepared, rc, pair_name, checkpoints, pipe, resolution, arrays,
+        bf.write_manifest(tmp, _manifest(prepared, rc, pair, checkpoints, pipe, resolution, arrays,
                                          {"models": models, "tensorrt": trt, "files": files, "config": config}))
     # 5. The checks' numbers, beside the bundle (written after it, so they never describe another one).
-    write_text_atomic(Path(cfg.checks_dir) / f"{dataset}-{pair_name}.json",
+    write_text_atomic(Path(cfg.checks_dir) / f"{dataset}-{pair}.json",
                       json.dumps({"graphs": checks, "bundle": str(out)}, indent=1, sort_keys=True))
     return out
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(ExportConfig, "export", args.params)
         rc = load_config(ReconstructConfig, "reconstruct", args.params)
         torch.manual_seed(cfg.check_seed)
-        return f"wrote {build_bundle(cfg, rc, args.dataset, args.pair)}"
+        return f"wrote {run(cfg, rc, args.dataset, args.pair)}"
     return run_stage(work, errors=(onnx_models.ExportParityError,))
 
 

@@ -197,7 +197,7 @@ def check_settings(rec: Reconstructor, rc: ReconstructConfig) -> None:
 def low_precision(cfg: ParityConfig) -> bool:
     """fp16 graphs or TensorRT (fp16 engines / EP) cannot meet fp32 tolerances, nor a reference on CUDA
     (other kernels; cuDNN's TF32 convolutions) or in half precision: they are judged by PSNR.
-    ``cfg.device`` as run_parity resolves it ("auto" counts as CUDA)."""
+    ``cfg.device`` as run resolves it ("auto" counts as CUDA)."""
     return cfg.fp16 or cfg.backend in LOW_PRECISION_BACKENDS or cfg.device != "cpu" or cfg.dtype != "float32"
 
 
@@ -209,7 +209,7 @@ def passes(metrics: dict, cfg: ParityConfig) -> bool:
                 and metrics["latent_tolerance_ratio"] <= 1.0 and metrics["image_max_abs"] <= cfg.image_atol)
 
 
-def run_parity(cfg: ParityConfig, rc: ReconstructConfig, dataset: str, pair: str) -> dict:
+def run(cfg: ParityConfig, rc: ReconstructConfig, dataset: str, pair: str) -> dict:
     """Compare runtime and reference; returns the metrics dict (``passed`` says whether all tolerances hold)."""
     if pair not in rc.pairs:
         raise ConfigError(f"unknown pair '{pair}'; configured pairs (reconstruct.pairs): {sorted(rc.pairs)}")
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(ParityConfig, "parity", args.params)
         rc = load_config(ReconstructConfig, "reconstruct", args.params)
         torch.set_num_threads(max(cfg.threads, 1))
-        metrics = run_parity(cfg, rc, args.dataset, args.pair)
+        metrics = run(cfg, rc, args.dataset, args.pair)
         out = Path(cfg.results_dir) / f"{args.dataset}-{args.pair}.json"
         # written in any case: a failed run's numbers are what tells how far off it is
         write_text_atomic(out, json.dumps(metrics, indent=2, sort_keys=True))

@@ -9,6 +9,12 @@ of the data flow:
     evaluation/      metrics, floors, attribute classifier, scores, REPORT.md    (attribute_classifier,
                                                                                   evaluate, report)
 
+Every stage module (also ``export.export`` and ``export.parity``) has the same two entry
+points: ``run(cfg[, rc], [dataset[, decoder | pair]])``, its config(s) first and then the
+``foreach`` item in dvc.yaml's order, returning the path it wrote or its metrics; and
+``main(argv)``, which parses ``--params`` and the item and goes through ``config.run_stage``
+(one line and exit 1 on a user error).
+
 Shared by several stages: ``config`` (one frozen dataclass per params.yaml section),
 ``compute_options`` (device and dtype) and ``distributed`` (torchrun or one process).
 """

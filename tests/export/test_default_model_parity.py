@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from brainldm.export import parity
-from brainldm.export.export import ExportConfig, build_bundle
+from brainldm.export import export
+from brainldm.export.export import ExportConfig
 from brainldm.train.config import load_config
 from brainldm.train.reconstruction.reconstruct import ReconstructConfig
 from tests.dvc_store import ROOT, materialize
@@ -32,7 +33,7 @@ def default_setup(tmp_path_factory):
                                tensorrt=False)
     rc = dataclasses.replace(rc, **{k: getattr(defaults, k) for k in ("steps", "strength", "guidance", "seed",
                                                                       "resolution", "encode_mode")})
-    bundle = build_bundle(ecfg, rc, DATASET, PAIR)
+    bundle = export.run(ecfg, rc, DATASET, PAIR)
     pcfg = dataclasses.replace(load_config(parity.ParityConfig, "parity", PARAMS), prepared_dir=ecfg.prepared_dir,
                                models_dir=ecfg.models_dir, bundles_dir=ecfg.out_dir,
                                results_dir=str(root / "results"), items=0)
@@ -41,7 +42,7 @@ def default_setup(tmp_path_factory):
 
 def test_versioned_ldm_runtime_matches_reference(default_setup):
     bundle, pcfg, rc = default_setup
-    m = parity.run_parity(pcfg, rc, DATASET, PAIR)
+    m = parity.run(pcfg, rc, DATASET, PAIR)
     assert Path(bundle).is_dir() and m["n_items"] == len(TEST_IMAGES)
     assert len(m["latent_max_abs_per_step"]) == int(rc.steps * rc.strength)
     assert m["tolerances"]["judged_by"] == "max_abs" and m["tolerances"]["latent"] <= 1e-4

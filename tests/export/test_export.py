@@ -18,7 +18,7 @@ from tests.export.tiny_bundle import DATASET, N_VOXELS, PAIR, ROIS, SESSIONS, ma
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     ecfg, rc = make_configs(root)
-    return root, ecfg, rc, ex.build_bundle(ecfg, rc, DATASET, PAIR)
+    return root, ecfg, rc, ex.run(ecfg, rc, DATASET, PAIR)
 
 
 def test_bundle_holds_checked_graphs_arrays_and_hashes(built):
@@ -67,19 +67,19 @@ def test_failed_parity_check_writes_nothing(built):
     root, ecfg, rc, _ = built
     strict = dataclasses.replace(ecfg, unet_atol=0.0, out_dir=str(root / "strict"))
     with pytest.raises(Exception, match="unet.onnx.*exceeds the tolerance 0.0"):
-        ex.build_bundle(strict, rc, DATASET, PAIR)
+        ex.run(strict, rc, DATASET, PAIR)
     assert not (root / "strict").exists() or not list((root / "strict").iterdir())
 
 
 def test_bad_inputs_give_clear_errors(built, tmp_path, capsys):
     root, ecfg, rc, _ = built
     with pytest.raises(ConfigError, match="unknown pair 'nope'"):
-        ex.build_bundle(ecfg, rc, DATASET, "nope")
+        ex.run(ecfg, rc, DATASET, "nope")
     with pytest.raises(FileNotFoundError, match="prepared dataset not found"):
-        ex.build_bundle(ecfg, rc, "other", PAIR)
+        ex.run(ecfg, rc, "other", PAIR)
     swapped = dataclasses.replace(rc, pairs={PAIR: type(rc.pairs[PAIR])(z="cnn-c", c="gcn-z")})
     with pytest.raises(ex.ExportError, match="predicts 'c' but is the pair's 'z' decoder"):
-        ex.build_bundle(ecfg, swapped, DATASET, PAIR)
+        ex.run(ecfg, swapped, DATASET, PAIR)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"export": config_to_dict(ecfg), "reconstruct": config_to_dict(rc)}))
     assert ex.main(["--params", str(params), "--dataset", DATASET, "--pair", "nope"]) == 1
@@ -92,7 +92,7 @@ def test_fp16_variants_are_exported_and_close_to_fp32(built):
     from tests.export.tiny_bundle import raw_test
 
     half = dataclasses.replace(ecfg, fp16=True, out_dir=str(root / "half"))
-    bundle = ex.build_bundle(half, rc, DATASET, PAIR)
+    bundle = ex.run(half, rc, DATASET, PAIR)
     m = json.loads((bundle / "manifest.json").read_text())
     for name in bf.FP16_MODELS:
         assert m["models"][name]["fp16_file"] == f"models/{name}.fp16.onnx"

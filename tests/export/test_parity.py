@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from brainldm.export import parity
-from brainldm.export.export import build_bundle
+from brainldm.export import export
 from brainldm.train.config import config_to_dict
 from tests.export.tiny_bundle import DATASET, PAIR, TEST_IMAGES, make_configs
 
@@ -16,7 +16,7 @@ from tests.export.tiny_bundle import DATASET, PAIR, TEST_IMAGES, make_configs
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     ecfg, rc = make_configs(root, fp16=True)
-    build_bundle(ecfg, rc, DATASET, PAIR)
+    export.run(ecfg, rc, DATASET, PAIR)
     cfg = parity.ParityConfig(prepared_dir=ecfg.prepared_dir, models_dir=ecfg.models_dir, bundles_dir=ecfg.out_dir,
                               results_dir=str(root / "results"), items=0, samples=2, batch_size=3)
     return root, cfg, rc
@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
 
 def test_runtime_matches_reference_step_by_step(setup):
     _, cfg, rc = setup
-    m = parity.run_parity(cfg, rc, DATASET, PAIR)
+    m = parity.run(cfg, rc, DATASET, PAIR)
     assert m["n_items"] == len(TEST_IMAGES) and m["samples"] == 2
     assert m["pred_z_max_abs"] <= 1e-5 and m["pred_c_max_abs"] <= 1e-5
     assert len(m["latent_max_abs_per_step"]) == 8  # strength 0.8 of 10 steps
@@ -38,7 +38,7 @@ def test_runtime_matches_reference_step_by_step(setup):
 
 def test_fp16_graphs_are_judged_by_psnr(setup):
     _, cfg, rc = setup
-    m = parity.run_parity(dataclasses.replace(cfg, fp16=True, items=2), rc, DATASET, PAIR)
+    m = parity.run(dataclasses.replace(cfg, fp16=True, items=2), rc, DATASET, PAIR)
     assert m["tolerances"]["judged_by"] == "psnr"
     assert m["latent_max_abs"] > 1e-4  # fp16 cannot meet the fp32 tolerance ...
     assert cfg.psnr_min <= m["image_psnr_db"] < 90 and m["passed"]  # ... but the images agree
@@ -87,12 +87,12 @@ def test_other_generation_resolution_resizes_like_torch(setup):
     root, cfg, rc = setup
     ecfg, _ = make_configs(root)
     rc24 = dataclasses.replace(rc, resolution=24)
-    bundle = build_bundle(dataclasses.replace(ecfg, out_dir=str(root / "b24")), rc24, DATASET, PAIR)
+    bundle = export.run(dataclasses.replace(ecfg, out_dir=str(root / "b24")), rc24, DATASET, PAIR)
     assert json.loads((bundle / "manifest.json").read_text())["image_model"]["latent_shape"] == [4, 6, 6]
-    m = parity.run_parity(dataclasses.replace(cfg, bundles_dir=str(root / "b24"), items=2), rc24, DATASET, PAIR)
+    m = parity.run(dataclasses.replace(cfg, bundles_dir=str(root / "b24"), items=2), rc24, DATASET, PAIR)
     assert m["latent_max_abs"] <= 1e-4 and m["image_max_abs"] <= 1e-2 and m["passed"]
     with pytest.raises(parity.ParityError, match="resolution"):
-        parity.run_parity(dataclasses.replace(cfg, bundles_dir=str(root / "b24")), rc, DATASET, PAIR)
+        parity.run(dataclasses.replace(cfg, bundles_dir=str(root / "b24")), rc, DATASET, PAIR)
 
 
 def test_latent_criterion_is_allclose_like():
@@ -161,7 +161,7 @@ def test_low_precision_fails_below_the_psnr_floor():
     assert not parity.passes(dict(_passing_metrics(0.0), image_psnr_db=29.0), cfg)
 
 
-def test_a_runtime_loop_off_in_one_element_fails_run_parity(setup, monkeypatch):
+def test_a_runtime_loop_off_in_one_element_fails_parity(setup, monkeypatch):
     """End to end: one element of one recorded runtime step moved by 3x the tolerance -> passed is False."""
     _, cfg, rc = setup
     real = parity.runtime_run
@@ -173,6 +173,6 @@ def test_a_runtime_loop_off_in_one_element_fails_run_parity(setup, monkeypatch):
         return images, steps
 
     monkeypatch.setattr(parity, "runtime_run", off_by_one_element)
-    m = parity.run_parity(dataclasses.replace(cfg, items=1, samples=1), rc, DATASET, PAIR)
+    m = parity.run(dataclasses.replace(cfg, items=1, samples=1), rc, DATASET, PAIR)
     assert m["latent_tolerance_ratio"] > 2.0 and m["image_max_abs"] <= cfg.image_atol
     assert m["passed"] is False

@@ -117,4 +117,4 @@ def model_target_shapes(model: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def build_tiny_bundle(root: Path) -> Path:
     """Export the tiny pair to ``root/bundles/ds-ours`` and return it."""
     ecfg, rc = make_configs(root)
-    return ex.build_bundle(ecfg, rc, DATASET, PAIR)
+    return ex.run(ecfg, rc, DATASET, PAIR)

@@ -16,7 +16,8 @@ from brainldm.export import parity
 from brainldm.train.reconstruction import reconstruct as rc
 from brainldm.train.compute_options import stage_device_dtype, stage_dtype
 from brainldm.train.config import config_to_dict, config_to_record, load_config
-from brainldm.train.decoding.decode import DecodeConfig, decode
+from brainldm.train.decoding import decode
+from brainldm.train.decoding.decode import DecodeConfig
 from brainldm.train.decoding.decode import main as decode_main
 from tests.train.decoding.test_decode import decode_config
 from tests.train.decoding.test_fit import fit_config, make_fake_data
@@ -111,14 +112,14 @@ def _pngs(folder: Path) -> np.ndarray:
 
 @pytest.mark.gpu
 def test_decode_on_cuda_matches_cpu(tmp_path):
-    from brainldm.train.decoding.fit import fit
+    from brainldm.train.decoding import fit
 
     root = make_fake_data(tmp_path)
-    fit(fit_config(root), "fake", "cnn-z")
+    fit.run(fit_config(root), "fake", "cnn-z")
     preds = {}
     for device in ("cpu", "cuda"):
         cfg = dataclasses.replace(decode_config(root), results_dir=str(root / device), device=device)
-        decode(cfg, "fake", "cnn-z")
+        decode.run(cfg, "fake", "cnn-z")
         with h5py.File(root / device / "fake" / "cnn-z.h5", "r") as f:
             preds[device], recorded = f["pred"][()], json.loads(f.attrs["config"])
         assert recorded.get("device", "cpu") == device
@@ -147,15 +148,15 @@ def test_reconstruct_on_cuda_is_close_to_cpu(tmp_path, tiny_model, dtype, psnr_m
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_parity_with_a_cuda_reference_is_judged_by_psnr(tmp_path, dtype):
-    from brainldm.export.export import build_bundle
+    from brainldm.export import export
     from tests.export.tiny_bundle import DATASET, PAIR, make_configs
 
     ecfg, rcfg = make_configs(tmp_path)
-    build_bundle(ecfg, rcfg, DATASET, PAIR)
+    export.run(ecfg, rcfg, DATASET, PAIR)
     cfg = parity.ParityConfig(prepared_dir=ecfg.prepared_dir, models_dir=ecfg.models_dir, bundles_dir=ecfg.out_dir,
                               results_dir=str(tmp_path / "results"), items=2, samples=1, batch_size=2,
                               device="cuda", dtype=dtype)
-    m = parity.run_parity(cfg, rcfg, DATASET, PAIR)
+    m = parity.run(cfg, rcfg, DATASET, PAIR)
     assert m["tolerances"]["judged_by"] == "psnr" and m["passed"], m
     assert m["pred_z_max_abs"] <= 1e-3 and m["pred_c_max_abs"] <= 1e-3
     assert m["config"]["parity"]["device"] == "cuda" and m["config"]["parity"].get("dtype", "float32") == dtype

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from brainldm.train import distributed
 from brainldm.train.decoding.decoders import load_checkpoint
-from brainldm.train.decoding.fit import fit, main
+from brainldm.train.decoding import fit
+from brainldm.train.decoding.fit import main
 from tests.train.decoding.test_fit import DECODERS, FAST_OPTIM, fit_config, make_fake_data
 
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -46,7 +47,7 @@ def test_world_size_one_is_the_default_path_byte_for_byte(tmp_path, monkeypatch)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         make_fake_data(tmp_path)  # the same paths: the same metadata
-        fit(fit_config(tmp_path, **{"cnn-z": entry}), "fake", "cnn-z")
+        fit.run(fit_config(tmp_path, **{"cnn-z": entry}), "fake", "cnn-z")
         blobs.append((tmp_path / "models" / "fake" / "cnn-z.safetensors").read_bytes())
         assert not dist.is_initialized()
     assert blobs[0] == blobs[1]
@@ -93,7 +94,7 @@ def test_a_bad_torchrun_environment_is_a_clear_error(monkeypatch, value):
 def test_ridge_and_uneven_batches_are_refused_under_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="^fit.decoders.ridge-z: ridge is solved in closed form"):
-        fit(fit_config(make_fake_data(tmp_path)), "fake", "ridge-z")
+        fit.run(fit_config(make_fake_data(tmp_path)), "fake", "ridge-z")
     with pytest.raises(ValueError, match="^train_ldm.vae.batch_size: 4 is not divisible by the 3 torchrun processes$"):
         distributed.check_shardable(4, "train_ldm.vae.batch_size")
     distributed.check_shardable(6, "train_ldm.vae.batch_size")
@@ -114,10 +115,10 @@ def test_only_rank_0_prints(monkeypatch, capsys):
 def test_fit_a_cnn_decoder_on_cuda(tmp_path):
     root = make_fake_data(tmp_path)
     config = fit_config(root, **{"cnn-z": DECODERS["cnn-z"]})
-    on_cpu = fit(config, "fake", "cnn-z")
+    on_cpu = fit.run(config, "fake", "cnn-z")
     cuda = dataclasses.replace(config, device="cuda", models_dir=str(root / "cuda-models"),
                                results_dir=str(root / "cuda-results"))
-    on_cuda = fit(cuda, "fake", "cnn-z")
+    on_cuda = fit.run(cuda, "fake", "cnn-z")
     ckpt = load_checkpoint(root / "cuda-models" / "fake" / "cnn-z.safetensors")
     assert ckpt.config["device"] == "cuda" and ckpt.target_mean.device.type == "cpu"
     assert on_cuda["identification"] > 0.9 and on_cuda["pearson_dim"] > 0.5

@@ -21,7 +21,7 @@ import pytest
 
 from brainldm.train.config import config_to_dict
 from brainldm.train.decoding.decoders import load_checkpoint
-from brainldm.train.decoding.fit import fit
+from brainldm.train.decoding import fit
 from tests.train.decoding.test_fit import DECODERS, fit_config, make_fake_data
 
 LAUNCH_TIMEOUT_S = 150  # measured 35 s (fit) and 32 s (train_ldm) on 2 loaded cores
@@ -110,7 +110,7 @@ def test_fit_cnn_vae_gcn_under_torchrun(tmp_path):
     for name, summary in zip(NETWORKS, summaries):
         assert summary == json.loads((out / "results" / "fake" / name / "metrics.json").read_text())
         assert load_checkpoint(out / "models" / "fake" / f"{name}.safetensors").config["world_size"] == 2
-        fit(single, "fake", name)
+        fit.run(single, "fake", name)
         one = best_val_loss(data / "results" / "fit" / "fake" / name / "loss.csv")
         two = best_val_loss(out / "results" / "fake" / name / "loss.csv")
         assert two == pytest.approx(one, rel=VAL_RTOL), name
@@ -131,7 +131,7 @@ def test_train_ldm_under_torchrun(tmp_path):
     assert sorted(path for _, path in writes if not path.startswith(".")) == ["ldm", "ldm/metrics.json", "m.json"]
     assert stdout.count("trained on cpu") == 1 and json.loads((out / "m.json").read_text())["n_images"] == 4
     log = json.loads((out / "ldm" / "training_log.json").read_text())
-    single = L.train(tiny_config(tmp_path / "single"))
+    single = L.run(tiny_config(tmp_path / "single"))
     assert log["world_size"] == 2 and "world_size" not in single
     for part in ("vae", "unet"):
         np.testing.assert_allclose(log[part]["losses"], single[part]["losses"], rtol=LDM_LOSS_RTOL)

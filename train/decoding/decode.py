@@ -103,7 +103,7 @@ def predict(checkpoint: Checkpoint, x: np.ndarray, batch_size: int, device: str 
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0,) + checkpoint.spec.target_shape, np.float32)
 
 
-def decode(config: DecodeConfig, dataset: str, decoder: str) -> dict:
+def run(config: DecodeConfig, dataset: str, decoder: str) -> dict:
     """Predict the test split with decoder ``decoder`` of ``dataset``; write the .h5 and .json; return metrics."""
     config = dataclasses.replace(config, device=resolve_device(config.device, "decode.device").type)  # "auto" resolved
     previous_threads = torch.get_num_threads()
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--decoder", required=True)
     args = parser.parse_args(argv)
-    return run_stage(lambda: json.dumps(decode(load_config(DecodeConfig, "decode", args.params), args.dataset,
+    return run_stage(lambda: json.dumps(run(load_config(DecodeConfig, "decode", args.params), args.dataset,
                                                args.decoder), sort_keys=True))
 
 

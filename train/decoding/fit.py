@@ -212,7 +212,7 @@ def train_ridge(data: FitData, entry: DecoderConfig) -> tuple[torch.nn.Module, l
     return model.eval(), [{"epoch": 0, **losses}]
 
 
-def fit(config: FitConfig, dataset: str, decoder: str) -> dict:
+def run(config: FitConfig, dataset: str, decoder: str) -> dict:
     """Fit decoder ``decoder`` on ``dataset``; write checkpoint, loss.csv, metrics.json; return val metrics
     (rank 0's on every rank under torchrun)."""
     entry = decoder_config(config, decoder)
@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--decoder", required=True)
     args = parser.parse_args(argv)
     with distributed.quiet_unless_main():  # under torchrun one summary line, rank 0's
-        return run_stage(lambda: json.dumps(fit(load_config(FitConfig, "fit", args.params), args.dataset,
+        return run_stage(lambda: json.dumps(run(load_config(FitConfig, "fit", args.params), args.dataset,
                                                 args.decoder), sort_keys=True))
 
 

@@ -153,7 +153,7 @@ def encode_texts(pipe, captions: list[list[str]], cfg: TargetsConfig) -> tuple[n
     return c, uncond.astype(np.float32)
 
 
-def make_targets(cfg: TargetsConfig, dataset: str) -> Path:
+def run(cfg: TargetsConfig, dataset: str) -> Path:
     """Compute z, c, uncond for ``dataset`` and write ``<targets_dir>/<dataset>.h5`` atomically."""
     validate(cfg)
     src = Path(cfg.prepared_dir) / f"{dataset}.h5"
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dataset", required=True, help="name of data/prepared/<dataset>.h5")
     args = parser.parse_args(argv)
-    return run_stage(lambda: f"wrote {make_targets(load_config(TargetsConfig, 'targets', args.params), args.dataset)}")
+    return run_stage(lambda: f"wrote {run(load_config(TargetsConfig, 'targets', args.params), args.dataset)}")
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ def save_pipeline(folder: Path, vae, text, tokenizer, unet) -> None:
     save_tokenizer(tokenizer, folder / "tokenizer")
 
 
-def train(cfg: TrainLdmConfig) -> dict:
+def run(cfg: TrainLdmConfig) -> dict:
     """Train all components and write the pipeline folder ``cfg.out`` atomically (rank 0 under torchrun).
 
     Returns the training record: losses per phase, seconds per phase, steps/s, sizes (every rank's the same).
@@ -367,7 +367,7 @@ def _train_and_evaluate(args: argparse.Namespace) -> str:
     if args.device:
         cfg = dataclasses.replace(cfg, device=args.device)
     if not args.skip_train:
-        record = train(cfg)
+        record = run(cfg)
         print(f"trained on {record['device']}: vae {record['vae']['seconds']:.0f} s, unet {record['unet']['seconds']:.0f} s")
     if not distributed.is_main():  # rank 0 evaluates what it saved
         return ""

@@ -245,28 +245,28 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def run(cfg: ReconstructConfig, dataset: str, pair_name: str) -> Path:
+def run(cfg: ReconstructConfig, dataset: str, pair: str) -> Path:
     """Reconstruct every test image ``cfg.samples`` times; returns the output folder.
 
     Writes ``<out_dir>/<dataset>/<pair>/`` with ``item{i:04d}_s{k}.png`` and ``index.csv``
     (test item, image index, sample, file), atomically as one folder.
     """
-    if pair_name not in cfg.pairs:
-        raise ConfigError(f"unknown pair '{pair_name}'; configured pairs: {sorted(cfg.pairs)}")
+    if pair not in cfg.pairs:
+        raise ConfigError(f"unknown pair '{pair}'; configured pairs: {sorted(cfg.pairs)}")
     check_encode_mode(cfg.encode_mode, "reconstruct.encode_mode")
     device, dtype = stage_device_dtype("reconstruct", cfg.device, cfg.dtype)
     cfg = replace(cfg, device=device.type)  # "auto" resolved: config.json records what ran
     # 1. Inputs and model.
-    pred = load_predictions(cfg, dataset, cfg.pairs[pair_name])
+    pred = load_predictions(cfg, dataset, cfg.pairs[pair])
     pipe = load_reference_pipeline(cfg.model, device, dtype)
     check_model_fits(pipe, pred["z"], pred["c"])
     # 2. All (test item, sample) pairs, in batches.
     items, samples = np.divmod(np.arange(len(pred["z"]) * cfg.samples), cfg.samples)
-    out = Path(cfg.out_dir) / dataset / pair_name
+    out = Path(cfg.out_dir) / dataset / pair
     rows = []
     with atomic_path(out, suffix="") as tmp:
         tmp.mkdir()
-        for start in tqdm(range(0, len(items), cfg.batch_size), desc=f"reconstruct {dataset}/{pair_name}", unit="batch"):
+        for start in tqdm(range(0, len(items), cfg.batch_size), desc=f"reconstruct {dataset}/{pair}", unit="batch"):
             it, sa = items[start:start + cfg.batch_size], samples[start:start + cfg.batch_size]
             images = reconstruct_batch(pipe, pred["z"][it], pred["c"][it], pred["uncond"], it, sa, cfg)
             for i, s, image in zip(it, sa, images):
@@ -278,7 +278,7 @@ def run(cfg: ReconstructConfig, dataset: str, pair_name: str) -> Path:
             writer = csv.writer(f)
             writer.writerow(["test_item", "image_index", "sample", "file"])
             writer.writerows(rows)
-        (tmp / "config.json").write_text(json.dumps({"dataset": dataset, "pair": pair_name, "config": config_to_record(cfg)}, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps({"dataset": dataset, "pair": pair, "config": config_to_record(cfg)}, indent=2, sort_keys=True))
     return out
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from brainldm.train.config import from_dict
-from brainldm.train.decoding.decode import DecodeConfig, decode, main, stage1_metrics
+from brainldm.train.decoding import decode, fit
+from brainldm.train.decoding.decode import DecodeConfig, main, stage1_metrics
 from brainldm.train.decoding.decoders import load_checkpoint
-from brainldm.train.decoding.fit import fit
 
 from tests.train.decoding.test_fit import C_SHAPE, DECODERS, LOWER, N_IMAGES, Z_SHAPE, fit_config, make_fake_data
 
@@ -29,7 +29,7 @@ def decode_config(root: Path) -> DecodeConfig:
 def fitted(tmp_path_factory):
     root = make_fake_data(tmp_path_factory.mktemp("decode"))
     for name in ("cnn-z", "cnn-c", "gcn-z"):
-        fit(fit_config(root), "fake", name)
+        fit.run(fit_config(root), "fake", name)
     return root
 
 
@@ -46,7 +46,7 @@ def test_stage1_metrics_values():
 
 @pytest.mark.parametrize("name,shape", [("cnn-z", Z_SHAPE), ("cnn-c", C_SHAPE), ("gcn-z", Z_SHAPE)])
 def test_decode_writes_test_predictions_and_metrics(fitted, name, shape):
-    m = decode(decode_config(fitted), "fake", name)
+    m = decode.run(decode_config(fitted), "fake", name)
     out = fitted / "results" / "decode" / "fake"
     with h5py.File(out / f"{name}.h5") as f, h5py.File(fitted / "prepared" / "fake.h5") as p, \
             h5py.File(fitted / "targets" / "fake.h5") as t:
@@ -80,7 +80,7 @@ def test_ceiling_and_floor_rows(fitted, tmp_path):
         del f["z"]
         f["z"] = sample
         f.attrs["latent"] = "sample"
-    m = decode(decode_config(data), "fake", "cnn-z")
+    m = decode.run(decode_config(data), "fake", "cnn-z")
     assert m["z_latent"] == "sample"
     assert m["ceiling"] == stage1_metrics(sample[test_rows], z_mean[test_rows])
     assert m["ceiling"]["pearson_dim"] < 0.99  # the posterior noise caps even a perfect predictor
@@ -91,31 +91,31 @@ def test_ceiling_and_floor_rows(fitted, tmp_path):
     with h5py.File(data / "targets" / "fake.h5", "a") as f:
         f["z"][test_only] += 5.0
         moved = f["z"][()]
-    again = decode(decode_config(data), "fake", "cnn-z")
+    again = decode.run(decode_config(data), "fake", "cnn-z")
     expected = np.mean((moved[test_rows].astype(np.float64) - sample[train_rows].mean(0)) ** 2)
     assert again["floor"]["mse"] == pytest.approx(expected, rel=1e-6) and again["floor"]["mse"] > floor
     # With latent: mean the target is its own perfect predictor.
-    c = decode(decode_config(fitted), "fake", "cnn-c")["ceiling"]
+    c = decode.run(decode_config(fitted), "fake", "cnn-c")["ceiling"]
     assert c["mse"] == 0.0 and c["pearson_dim"] == pytest.approx(1.0) and c["identification"] == 1.0
 
 
 def test_decode_bad_inputs(fitted, tmp_path, capsys):
     config = decode_config(fitted)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        decode(config, "fake", "nope")
+        decode.run(config, "fake", "nope")
     bad = make_fake_data(tmp_path)
     (bad / "models").symlink_to(fitted / "models", target_is_directory=True)
     with h5py.File(bad / "prepared" / "fake.h5", "a") as f:
         f["splits/test/rois/V1"][2, 1] = np.nan
     with pytest.raises(ValueError, match="splits/test/rois/V1 contains NaN"):
-        decode(decode_config(bad), "fake", "cnn-z")
+        decode.run(decode_config(bad), "fake", "cnn-z")
     with h5py.File(bad / "prepared" / "fake.h5", "a") as f:
         v2 = f["splits/test/rois/V2"][()]
         del f["splits/test/rois/V2"], f["splits/test/rois/V1"]
         f["splits/test/rois/V1"] = np.zeros((N_IMAGES["test"], 14), np.float32)
         f["splits/test/rois/V2"] = np.concatenate([v2, v2[:, :1]], axis=1)
     with pytest.raises(ValueError, match=r"voxel counts .*'V2': 13.* differ from the fitted decoder's .*'V2': 12"):
-        decode(decode_config(bad), "fake", "cnn-z")
+        decode.run(decode_config(bad), "fake", "cnn-z")
     fixed = make_fake_data(tmp_path / "fixed")
     (fixed / "models").symlink_to(fitted / "models", target_is_directory=True)
     with h5py.File(fixed / "targets" / "fake.h5", "a") as f:
@@ -123,7 +123,7 @@ def test_decode_bad_inputs(fitted, tmp_path, capsys):
         del f["z"]
         f["z"] = z[:, :2]
     with pytest.raises(ValueError, match=r"targets z have shape \(2, 2, 2\) per image; the decoder predicts"):
-        decode(decode_config(fixed), "fake", "cnn-z")
+        decode.run(decode_config(fixed), "fake", "cnn-z")
     assert not (fixed / "results").exists() and not (bad / "results").exists()
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"decode": {"models_dir": str(fitted / "models"), "prepared_dir": "data/prepared",
@@ -143,7 +143,7 @@ def _decode_with_perturbed_roi(fitted: Path, root: Path, roi: str | None, decode
     with h5py.File(data / "prepared" / "fake.h5", "a") as f:
         if roi is not None:
             f[f"splits/test/rois/{roi}"][...] += PERTURBATION
-    decode(decode_config(data), "fake", decoder)
+    decode.run(decode_config(data), "fake", decoder)
     with h5py.File(data / "results" / "decode" / "fake" / f"{decoder}.h5") as f:
         return f["pred"][()]
 

@@ -11,7 +11,8 @@ import torch
 
 from brainldm.train.config import ConfigError, from_dict
 from brainldm.train.decoding.decoders import load_checkpoint
-from brainldm.train.decoding.fit import FitConfig, decoder_config, fit, main
+from brainldm.train.decoding import fit
+from brainldm.train.decoding.fit import FitConfig, decoder_config, main
 
 ROI_SIZES = {"V1": 14, "V2": 12, "V3": 7, "hV4": 6, "higher": 16}
 NODE_ROIS = [["V1"], ["V2"], ["V3", "hV4"]]
@@ -104,7 +105,7 @@ def fitted(tmp_path_factory):
     """All torch decoders fitted once on the default fake data: {name: val metrics}."""
     root = make_fake_data(tmp_path_factory.mktemp("fit"))
     config = fit_config(root)
-    return root, {name: fit(config, "fake", name) for name in ("cnn-z", "cnn-c", "vae-z", "gcn-z")}
+    return root, {name: fit.run(config, "fake", name) for name in ("cnn-z", "cnn-c", "vae-z", "gcn-z")}
 
 
 @pytest.mark.parametrize("name", ["cnn-z", "cnn-c", "vae-z", "gcn-z"])
@@ -146,7 +147,7 @@ def test_test_split_never_reaches_fitting(tmp_path, name):
     outputs, test_voxels = [], []
     for shift in (0.0, 5.0):
         make_fake_data(tmp_path, test_shift=shift)  # same paths: the config (and metadata) are identical
-        fit(fit_config(tmp_path, **{name: entry}), "fake", name)
+        fit.run(fit_config(tmp_path, **{name: entry}), "fake", name)
         outputs.append([(tmp_path / p).read_bytes() for p in (f"models/fake/{name}.safetensors",
                                                                f"results/fit/fake/{name}/loss.csv")])
         with h5py.File(tmp_path / "prepared" / "fake.h5") as f:
@@ -159,7 +160,7 @@ def test_ridge_matches_its_linear_module_and_ignores_test(tmp_path):
     blobs = []
     for shift in (0.0, 5.0):
         make_fake_data(tmp_path, test_shift=shift)
-        m = fit(fit_config(tmp_path, **{"ridge-z": DECODERS["ridge-z"]}), "fake", "ridge-z")
+        m = fit.run(fit_config(tmp_path, **{"ridge-z": DECODERS["ridge-z"]}), "fake", "ridge-z")
         blobs.append((tmp_path / "models" / "fake" / "ridge-z.safetensors").read_bytes())
         # linear on a partly quadratic target: clearly above chance, below the networks
         assert 0.6 < m["identification"] < 0.9 and m["epochs_run"] == 1 and m["best_epoch"] == 0
@@ -178,13 +179,13 @@ def test_bad_config_and_inputs(tmp_path, capsys):
     with pytest.raises(ConfigError, match="lr: expected a number"):
         decoder_config(fit_config(root, bad=dict(DECODERS["cnn-z"], optim=dict(FAST_OPTIM, lr="fast"))), "bad")
     with pytest.raises(ValueError, match=r"unknown input ROI\(s\) \['V9'\]"):
-        fit(fit_config(root, bad=dict(DECODERS["cnn-z"], input_rois=["V1", "V9"])), "fake", "bad")
+        fit.run(fit_config(root, bad=dict(DECODERS["cnn-z"], input_rois=["V1", "V9"])), "fake", "bad")
     with pytest.raises(FileNotFoundError, match="prepared dataset not found"):
-        fit(config, "missing", "cnn-z")
+        fit.run(config, "missing", "cnn-z")
     with h5py.File(root / "prepared" / "fake.h5", "a") as f:
         f["splits/train/rois/V2"][3, 4] = np.nan
     with pytest.raises(ValueError, match="splits/train/rois/V2 contains NaN"):
-        fit(config, "fake", "cnn-z")
+        fit.run(config, "fake", "cnn-z")
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"fit": {"prepared_dir": str(root / "prepared"), "decoders": DECODERS}}))
     assert main(["--params", str(params), "--dataset", "fake", "--decoder", "cnn-z"]) == 1
@@ -197,14 +198,14 @@ def test_bad_target_shape(tmp_path):
         del f["z"]
         f["z"] = np.zeros((10, 16), np.float32)
     with pytest.raises(ValueError, match=r"z has shape \(10, 16\); expected \(N, C, h, w\)"):
-        fit(fit_config(root), "fake", "cnn-z")
+        fit.run(fit_config(root), "fake", "cnn-z")
     n_total = sum(N_IMAGES.values())
     with h5py.File(root / "targets" / "fake.h5", "a") as f:
         c = f["c"][()]
         del f["c"]
         f["c"] = np.concatenate([c, c[:3]])
     with pytest.raises(ValueError, match=f"c has {n_total + 3} rows but .* has {n_total} images"):
-        fit(fit_config(root), "fake", "cnn-c")
+        fit.run(fit_config(root), "fake", "cnn-c")
 
 
 def test_main_fits_from_a_params_file(tmp_path, capsys):

@@ -13,7 +13,8 @@ from brainldm.train.decoding import targets
 
 from brainldm.train.simulation import scenes
 from brainldm.train.ldm.image_model import ImageModelError
-from brainldm.train.decoding.targets import TargetsConfig, make_targets
+from brainldm.train.decoding import targets
+from brainldm.train.decoding.targets import TargetsConfig
 from brainldm.train.ldm.tokenizer import build_tokenizer
 from brainldm.train.ldm.train_ldm import TextConfig, TrainLdmConfig, UnetConfig, VaeConfig, build_models, save_pipeline
 
@@ -55,7 +56,7 @@ def config(tmp_path, model, **kw):
 
 def test_shapes_values_and_determinism(tmp_path, model):
     caps = write_prepared(tmp_path / "prep")
-    out = make_targets(config(tmp_path, model), "toy")
+    out = targets.run(config(tmp_path, model), "toy")
     with h5py.File(out) as f:
         z, c, uncond = f["z"][()], f["c"][()], f["uncond"][()]
         assert f.attrs["format_version"] == 1 and f.attrs["scaling_factor"] == 0.5
@@ -72,8 +73,8 @@ def test_shapes_values_and_determinism(tmp_path, model):
         expect = pipe.text_encoder(ids).last_hidden_state.mean(0).numpy()
     np.testing.assert_allclose(c[2, 1:], expect[1:], atol=1e-5)
     # Same inputs -> same outputs; another batch size changes only float rounding.
-    again = make_targets(config(tmp_path, model, targets_dir=str(tmp_path / "t2")), "toy")
-    other = make_targets(config(tmp_path, model, batch_size=3, targets_dir=str(tmp_path / "t3")), "toy")
+    again = targets.run(config(tmp_path, model, targets_dir=str(tmp_path / "t2")), "toy")
+    other = targets.run(config(tmp_path, model, batch_size=3, targets_dir=str(tmp_path / "t3")), "toy")
     with h5py.File(again) as f, h5py.File(other) as g:
         np.testing.assert_array_equal(f["z"][()], z)
         np.testing.assert_array_equal(f["c"][()], c)
@@ -83,10 +84,10 @@ def test_shapes_values_and_determinism(tmp_path, model):
 
 def test_mean_vs_sample_and_fifteen_tokens(tmp_path, model):
     write_prepared(tmp_path / "prep")
-    mean = make_targets(config(tmp_path, model, latent="mean", n_tokens=15), "toy")
+    mean = targets.run(config(tmp_path, model, latent="mean", n_tokens=15), "toy")
     with h5py.File(mean) as f:
         z_mean, c15, u15 = f["z"][()], f["c"][()], f["uncond"][()]
-    full = make_targets(config(tmp_path, model, targets_dir=str(tmp_path / "full")), "toy")
+    full = targets.run(config(tmp_path, model, targets_dir=str(tmp_path / "full")), "toy")
     with h5py.File(full) as f:
         z_sample, c77 = f["z"][()], f["c"][()]
     assert c15.shape == (N, 15, 16) and u15.shape == (15, 16)
@@ -96,7 +97,7 @@ def test_mean_vs_sample_and_fifteen_tokens(tmp_path, model):
 
 def test_unknown_words_are_tokenized(tmp_path, model):
     write_prepared(tmp_path / "prep", captions=[["a zebra-like quux"], ["x"], ["y"], ["é"], ["?!"]])
-    out = make_targets(config(tmp_path, model), "toy")
+    out = targets.run(config(tmp_path, model), "toy")
     with h5py.File(out) as f:
         assert np.isfinite(f["c"][()]).all()
 
@@ -107,21 +108,21 @@ def test_unknown_words_are_tokenized(tmp_path, model):
 def test_empty_caption_list_is_an_error(tmp_path, model, captions, match):
     write_prepared(tmp_path / "prep", captions=captions)
     with pytest.raises(ValueError, match=match):
-        make_targets(config(tmp_path, model), "toy")
+        targets.run(config(tmp_path, model), "toy")
     assert not (tmp_path / "targets").exists() or not any((tmp_path / "targets").iterdir())
 
 
 def test_bad_inputs(tmp_path, model):
     with pytest.raises(FileNotFoundError, match="prepared dataset not found"):
-        make_targets(config(tmp_path, model), "toy")
+        targets.run(config(tmp_path, model), "toy")
     write_prepared(tmp_path / "prep")
     with pytest.raises(ImageModelError, match="model_index.json"):
-        make_targets(config(tmp_path, tmp_path / "no_model"), "toy")
+        targets.run(config(tmp_path, tmp_path / "no_model"), "toy")
     with pytest.raises(ValueError, match="latent"):
-        make_targets(config(tmp_path, model, latent="mode"), "toy")
+        targets.run(config(tmp_path, model, latent="mode"), "toy")
     write_prepared(tmp_path / "grey", images=np.zeros((N, 8, 8), np.uint8))
     with pytest.raises(ValueError, match=r"'images' must be \(N, H, W, 3\) uint8"):
-        make_targets(config(tmp_path, model, prepared_dir=str(tmp_path / "grey")), "toy")
+        targets.run(config(tmp_path, model, prepared_dir=str(tmp_path / "grey")), "toy")
     assert not (tmp_path / "targets").exists() or not any((tmp_path / "targets").iterdir())
 
 
@@ -163,8 +164,8 @@ def test_z_is_the_vaes_own_encoding_times_the_scaling_factor(tmp_path, model):
     mean, std, sf = _vae_latents_by_hand(model, images, resolution=32)
     assert sf == 0.5  # the fixture's non-default factor, so that a missing or doubled factor shows
     seed = 3
-    out_mean = make_targets(config(tmp_path, model, latent="mean"), "toy")
-    out_sample = make_targets(config(tmp_path, model, seed=seed, targets_dir=str(tmp_path / "s")), "toy")
+    out_mean = targets.run(config(tmp_path, model, latent="mean"), "toy")
+    out_sample = targets.run(config(tmp_path, model, seed=seed, targets_dir=str(tmp_path / "s")), "toy")
     with h5py.File(out_mean) as f, h5py.File(out_sample) as g:
         z_mean, z_sample = f["z"][()], g["z"][()]
         # z_mean (Table 3's perfect predictor) is the posterior mean under either definition of z

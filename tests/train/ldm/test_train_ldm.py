@@ -87,8 +87,8 @@ def test_scaling_factor_gives_unit_variance():
 def test_train_saves_a_loadable_deterministic_pipeline(tmp_path):
     from brainldm.train.ldm.image_model import load_image_model, scaling_factor
 
-    a = L.train(tiny_config(tmp_path / "a"))
-    b = L.train(tiny_config(tmp_path / "b"))
+    a = L.run(tiny_config(tmp_path / "a"))
+    b = L.run(tiny_config(tmp_path / "b"))
     assert a["vae"]["losses"] == b["vae"]["losses"] and a["unet"]["losses"] == b["unet"]["losses"]
     folder = tmp_path / "a" / "ldm"
     for name in ("model_index.json", "vae/config.json", "unet/config.json", "text_encoder/config.json",
@@ -124,7 +124,7 @@ def test_held_out_img2img_keys_its_noise_by_image_not_by_batch(tmp_path):
     from brainldm.train.reconstruction.reconstruct import ReconstructConfig, load_reference_pipeline, reconstruct_batch
 
     cfg = tiny_config(tmp_path)
-    L.train(cfg)
+    L.run(cfg)
     pipe = load_reference_pipeline(cfg.out)
     rng = np.random.default_rng(0)
     z = rng.standard_normal((4, 4, 4, 4)).astype(np.float32)
@@ -156,7 +156,7 @@ def _vae_round_trip_pixcorr(cfg: L.TrainLdmConfig) -> float:
 
 def test_bad_settings(tmp_path, capsys):
     with pytest.raises(ValueError, match="train_ldm.device: got 'gpu', expected 'cpu', 'cuda' or 'auto'"):
-        L.train(tiny_config(tmp_path, device="gpu"))
+        L.run(tiny_config(tmp_path, device="gpu"))
     params = tmp_path / "params.yaml"
     cfg = tiny_config(tmp_path)
     section = config_to_dict(dataclasses.replace(cfg, seed=3, eval=dataclasses.replace(cfg.eval, seed=3),
