@@ -6,6 +6,7 @@ from brainldm.export.parity import ParityConfig
 from brainldm.train.evaluation.attribute_classifier import AttributeClassifierConfig
 from brainldm.train.decoding.decode import DecodeConfig
 from brainldm.train.evaluation.evaluate import EvaluateConfig
+from brainldm.train.evaluation.known_truth import KnownTruthConfig
 from brainldm.train.decoding.fit import FitConfig
 from brainldm.train.data.prepare import PrepareConfig
 from brainldm.train.reconstruction.reconstruct import ReconstructConfig
@@ -18,5 +19,5 @@ STAGE_CONFIGS = {
     "simulate": SimulateConfig, "prepare": PrepareConfig, "train_ldm": TrainLdmConfig, "targets": TargetsConfig,
     "attribute_classifier": AttributeClassifierConfig, "fit": FitConfig, "decode": DecodeConfig,
     "reconstruct": ReconstructConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "parity": ParityConfig,
-    "report": ReportConfig,
+    "known_truth": KnownTruthConfig, "report": ReportConfig,
 }

@@ -43,6 +43,7 @@ TINY = {
     "evaluate": {"n_boot": 20, "grid_items": 3, "batch_size": 16},
     "parity": {"items": 2, "samples": 1, "batch_size": 2},
     "report": {"decoders": ["ridge-z", "ridge-c", "gcn-z", "cnn-c"]},
+    "known_truth": {"decoders": ["ridge-z", "ridge-c", "gcn-z", "cnn-c"]},
 }
 
 
@@ -99,7 +100,7 @@ def test_every_stage_runs_and_a_second_repro_does_nothing(tiny_repo):
     assert "ceiling" in pipeline["reconstructions"] and "ceiling" not in pipeline["pairs"]
     expected = {"simulate", "attribute_classifier", "report"}
     for dataset in ("sim-nsd", "sim-things"):
-        expected |= {f"prepare@{dataset}", f"targets@{dataset}", f"evaluate@{dataset}"}
+        expected |= {f"prepare@{dataset}", f"targets@{dataset}", f"evaluate@{dataset}", f"known_truth@{dataset}"}
         expected |= {f"fit@{dataset}-{d}" for d in TINY["pipeline"]["decoders"]}
         expected |= {f"decode@{dataset}-{d}" for d in TINY["pipeline"]["decoders"]}
         expected |= {f"reconstruct@{dataset}-{p}" for p in pipeline["reconstructions"]}

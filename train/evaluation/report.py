@@ -38,6 +38,7 @@ class ReportConfig:
     decode_dir: str = "results/decode"
     evaluate_dir: str = "results/evaluate"
     parity_dir: str = "results/parity"  # runtime-vs-reference parity JSONs; "" = leave the section out
+    known_truth_dir: str = "results/known_truth"  # simulated subjects' known truth; "" = leave Table 5 out
     out: str = "REPORT.md"
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -153,6 +154,48 @@ def parity_table(folder: Path) -> list[str]:
     return lines
 
 
+def noise_ceiling_table(truths: dict[str, dict]) -> list[str]:
+    """Table 5a: per dataset and ROI, the known noise ceiling of the test average beside the data's estimate."""
+    lines = ["| dataset | ROI | voxels | test repeats | known NC, median (%) | estimated from the data, mean (%) |",
+             "|---|---|---|---|---|---|"]
+    for dataset, truth in truths.items():
+        ceiling = truth["noise_ceiling"]
+        for roi, values in ceiling["rois"].items():
+            lines.append(f"| {dataset} | {roi} | {values['n_voxels']} | {ceiling['n_repeats']:g} | "
+                         f"{values['median']:.1f} | {values['data_mean']:.1f} |")
+    return lines
+
+
+def attainable_table(truths: dict[str, dict], decoders: tuple[str, ...]) -> list[str]:
+    """Table 5b: the oracle (ridge on the noise-free voxels) per target, then each decoder's share of it."""
+    header = ["decoder", "target"] + [f"{d} {m}" for d in truths for m in ("r/dim", "ident.")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    first = next(iter(truths.values()))
+    for target in sorted(first["oracle"]):
+        cells = [f"{t['oracle'][target]['pearson_dim']:.3f} | {t['oracle'][target]['identification']:.1%}"
+                 for t in truths.values()]
+        lines.append(f"| oracle: {first['oracle'][target]['decoder']} on noise-free voxels | {target} | "
+                     + " | ".join(cells) + " |")
+    for decoder in decoders:
+        shares = [t["shares"][decoder] for t in truths.values()]
+        cells = [f"{sh['pearson_dim']:.0%} | {sh['identification']:.0%}" for sh in shares]
+        lines.append(f"| {decoder}, share of the oracle | {shares[0]['target']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def known_truth_section(cfg: ReportConfig) -> list[str]:
+    """Table 5, from the known_truth stage: what only a simulated subject can tell."""
+    truths = {d: _read_json(Path(cfg.known_truth_dir) / f"{d}.json") for d in cfg.datasets}
+    return [
+        "## Table 5: the simulation's known truth (simulated subjects only)", "",
+        "The simulation knows each voxel's signal and noise, so its noise ceiling need not be estimated (5a),",
+        "and a decoder can be fitted to the noise-free voxels: ridge with the same ROIs, alphas and training",
+        "images, the best a linear readout of this brain can do. 5b gives that oracle's test scores, then each",
+        "decoder's score as a share of them (above 100%: the decoder beats a noise-free linear readout).", "",
+        *noise_ceiling_table(truths), "", *attainable_table(truths, cfg.decoders),
+    ]
+
+
 def theirs_lines() -> list[str]:
     lines = ["| method (theirs, real NSD subj01, SD v1.4) | PCC | SSIM |", "|---|---|---|"]
     for method, values in THEIR_RECONSTRUCTION.items():
@@ -197,6 +240,8 @@ def build_report(cfg: ReportConfig) -> str:
         "",
         *theirs_lines(),
     ]
+    if cfg.known_truth_dir:
+        parts += ["", *known_truth_section(cfg)]
     if cfg.parity_dir:
         parts += ["", "## Runtime parity (lean runtime vs the diffusers reference, same inputs and noise)", "",
                   *parity_table(Path(cfg.parity_dir))]
@@ -204,16 +249,18 @@ def build_report(cfg: ReportConfig) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def run(cfg: ReportConfig) -> Path:
+    """Write REPORT.md (``cfg.out``) atomically; returns its path."""
+    write_text_atomic(cfg.out, build_report(cfg))
+    return Path(cfg.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    def work() -> str:
-        cfg = load_config(ReportConfig, "report", args.params)
-        write_text_atomic(cfg.out, build_report(cfg))
-        return f"wrote {cfg.out}"
-    return run_stage(work)
+    return run_stage(lambda: f"wrote {run(load_config(ReportConfig, 'report', args.params))}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from brainldm.runtime.preprocess import NSD_INT16_SCALE
 from brainldm.train.simulation import encoding, scenes
 from brainldm.train.simulation import formats as fmt
 from brainldm.train.config import config_to_dict, load_config, run_stage
-from brainldm.train.simulation.design import NsdDesign, nsd_design, nsd_repeats, runs_and_trials, repeats_of_test_images, things_design
+from brainldm.train.simulation.design import NsdDesign, ThingsDesign, nsd_design, nsd_repeats, runs_and_trials, repeats_of_test_images, things_design
 
 NSD_AREAS = ("V1", "V2", "V3", "hV4", "mid", "high")  # keys of NsdSimConfig.roi_voxels, in layout order
 NSD_BETAS_DIR = "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
@@ -60,9 +60,8 @@ class NsdSimConfig:
     n_subjects: int = 8
     grid: tuple[int, ...] = (18, 22, 18)  # (X, Y, Z) voxels
     voxel_size_mm: float = 1.8
-    roi_voxels: dict[str, int] = field(
-        default_factory=lambda: {"V1": 380, "V2": 340, "V3": 300, "hV4": 180, "mid": 300, "high": 700}
-    )
+    roi_voxels: dict[str, int] = field(default_factory=lambda: {"V1": 380, "V2": 340, "V3": 300, "hV4": 180,
+                                                                "mid": 300, "high": 700})
     betas_format: str = "hdf5"  # "hdf5" (Z, Y, X per trial) or "nifti" (X, Y, Z, trials)
 
 
@@ -77,13 +76,10 @@ class ThingsSimConfig:
     runs_per_session: int = 10
     grid: tuple[int, ...] = (18, 22, 18)
     voxel_size_mm: float = 2.0
-    roi_voxels: dict[str, int] = field(
-        default_factory=lambda: {
-            "V1": 300, "V2": 260, "V3": 220, "hV4": 130, "V3a": 50, "V3b": 40, "LO1": 50, "LO2": 50,
-            "VO1": 50, "VO2": 40, "TO1": 40, "TO2": 40, "OFA": 25, "FFA": 40, "PPA": 40, "LOC": 50,
-            "EBA": 30, "STS": 25, "RSC": 25, "TOS": 25,
-        }
-    )  # bilateral ROIs (FFA, ...): per hemisphere
+    roi_voxels: dict[str, int] = field(default_factory=lambda: {  # bilateral ROIs (FFA, ...): per hemisphere
+        "V1": 300, "V2": 260, "V3": 220, "hV4": 130, "V3a": 50, "V3b": 40, "LO1": 50, "LO2": 50, "VO1": 50,
+        "VO2": 40, "TO1": 40, "TO2": 40, "OFA": 25, "FFA": 40, "PPA": 40, "LOC": 50, "EBA": 30, "STS": 25,
+        "RSC": 25, "TOS": 25})
     value_quantum: float = 1.0 / 64  # betas rounded to this (compresses well; far below the noise)
     jpeg_quality: int = 90
 
@@ -107,39 +103,77 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
     return np.random.default_rng([seed, *stream.encode()])
 
 
+@dataclass(frozen=True)
+class Truth:
+    """One simulated dataset's known truth before noise: stimuli, voxels, noise-free signal (V model voxels)."""
+
+    design: NsdDesign | ThingsDesign
+    images: np.ndarray  # (P, S, S, 3) uint8 stimulus pool
+    texts: list  # (P,) captions per pool image
+    scene_list: list  # (P,) scenes.Scene
+    layout: encoding.Layout
+    mask: np.ndarray  # (X, Y, Z) bool: the model's voxels, in C order
+    roi_names: np.ndarray  # (V,) str layout ROI name per voxel ("" outside every ROI)
+    model: encoding.VoxelModel
+    signal: np.ndarray  # (N, V) float32 noise-free response, z-scored per voxel over its N rows
+    image_ids: np.ndarray  # (N,) int64 native id of each signal row (docs/prepared_schema.md image_ids)
+    voxel_ids: np.ndarray  # (V,) int64 flat C-order index of each voxel into the (X, Y, Z) grid
+
+
+def simulated_truth(config: SimulateConfig, dataset: str) -> Truth:
+    """``dataset``'s design, stimuli, voxels and noise-free signal, each from its own seeded stream. Signal rows:
+    sim-nsd subject 1's images (native id: 0-based 73k id); sim-things every image row, training then test
+    (native id: the row of the image's first trial in the stimulus metadata)."""
+    if dataset not in BUILDERS:
+        raise ValueError(f"simulate: unknown dataset {dataset!r}; expected one of {list(BUILDERS)}")
+    name, c = BUILDERS[dataset][1], getattr(config, BUILDERS[dataset][1])  # "nsd" | "things" and its section
+    # 1. Design, ROI plan (ROI -> area class of the encoding model) and the images the subject sees.
+    if name == "nsd":
+        if set(c.roi_voxels) != set(NSD_AREAS):
+            raise ValueError(f"nsd.roi_voxels: keys must be {list(NSD_AREAS)}; got {sorted(c.roi_voxels)}")
+        design = nsd_design(c, _rng(config.seed, "nsd-design"))
+        plan, classes = [(a, c.roi_voxels[a], "ventral" if a == "hV4" else "any", "") for a in NSD_AREAS], {}
+        n_images = c.n_shared_images + c.n_unique_images + c.n_extra_images
+        rows = image_ids = design.subjectim[0] - 1
+    else:
+        design = things_design(c, _rng(config.seed, "things-design"))
+        plan, classes = things_plan(c)
+        n_images = c.n_train_images + c.n_test_images
+        rows, image_ids = np.arange(n_images), np.unique(design.image, return_index=True)[1]  # all are shown
+    # 2. Stimuli, voxels and their noise-free responses.
+    scene_seed = int(_rng(config.seed, f"{name}-scenes").integers(2**31))
+    images, texts, _, scene_list = scenes.generate(n_images, scene_seed, config.image_size, config.n_captions,
+                                                   config.max_objects)
+    layout = encoding.brain_layout(tuple(c.grid), plan, _rng(config.seed, f"{name}-layout"))
+    mask = layout.roi >= 0
+    roi_names = np.array(["", *layout.names])[layout.roi[mask]]
+    area = np.array([classes.get(n, "") for n in roi_names]) if classes else roi_names  # NSD: ROI = area
+    fields = encoding.visual_field(layout, area, mask)
+    model = encoding.build_voxels(area, *fields, config.encoding, _rng(config.seed, f"{name}-voxels"))
+    signal = encoding.voxel_signal(model, images[rows], encoding.semantic_features([scene_list[i] for i in rows]),
+                                   config.encoding)
+    return Truth(design, images, texts, scene_list, layout, mask, roi_names, model, signal,
+                 np.asarray(image_ids, dtype=np.int64), np.flatnonzero(mask.ravel()))
+
+
 def simulate_nsd(config: SimulateConfig, root: Path) -> dict:
     """Write sim-nsd under ``root`` (a new folder). Returns a summary dict."""
     c, enc = config.nsd, config.encoding
-    if set(c.roi_voxels) != set(NSD_AREAS):
-        raise ValueError(f"nsd.roi_voxels: keys must be {list(NSD_AREAS)}; got {sorted(c.roi_voxels)}")
     if c.betas_format not in ("hdf5", "nifti"):
         raise ValueError(f"nsd.betas_format: expected 'hdf5' or 'nifti', got {c.betas_format!r}")
-    # 1. Design and stimuli.
-    design = nsd_design(c, _rng(config.seed, "nsd-design"))
-    n_pool = c.n_shared_images + c.n_unique_images + c.n_extra_images
-    scene_seed = int(_rng(config.seed, "nsd-scenes").integers(2**31))
-    images, texts, _, scene_list = scenes.generate(n_pool, scene_seed, config.image_size, config.n_captions,
-                                                   config.max_objects)
-    # 2. Voxels and their responses to subject 1's trials.
-    plan = [(a, c.roi_voxels[a], "ventral" if a == "hV4" else "any", "") for a in NSD_AREAS]
-    layout = encoding.brain_layout(tuple(c.grid), plan, _rng(config.seed, "nsd-layout"))
-    mask = layout.roi >= 0
-    area = np.array(["", *layout.names])[layout.roi[mask]]
-    fields = encoding.visual_field(layout, area, mask)
-    model = encoding.build_voxels(area, *fields, enc, _rng(config.seed, "nsd-voxels"))
-    own = design.subjectim[0] - 1
-    signal = encoding.voxel_signal(model, images[own], encoding.semantic_features([scene_list[i] for i in own]), enc)
-    session, run, trial = runs_and_trials(design.trials_per_session, c.runs_per_session)
-    betas = encoding.simulate_trials(model, signal, design.masterordering - 1, session - 1, enc,
+    # 1. Design, stimuli, voxels and their noise-free signal; 2. responses to subject 1's trials.
+    truth = simulated_truth(config, "sim-nsd")
+    session, run, trial = runs_and_trials(truth.design.trials_per_session, c.runs_per_session)
+    betas = encoding.simulate_trials(truth.model, truth.signal, truth.design.masterordering - 1, session - 1, enc,
                                      _rng(config.seed, "nsd-trials"))
     # 3. Files.
-    coco = _coco_identity(n_pool, _rng(config.seed, "nsd-coco"))
-    _write_nsd_tables(config, root, design, coco, (session, run, trial))
-    _write_nsd_stimuli(root, images, texts, coco, config.image_size)
-    _write_nsd_rois(root, layout, c)
-    _write_nsd_betas(root, betas, mask, design.trials_per_session, c)
-    return {"images": n_pool, "trials": len(betas), "sessions": c.n_sessions, "brain_voxels": int(mask.sum()),
-            "roi_voxels": int((layout.roi > 0).sum())}
+    coco = _coco_identity(len(truth.images), _rng(config.seed, "nsd-coco"))
+    _write_nsd_tables(config, root, truth.design, coco, (session, run, trial))
+    _write_nsd_stimuli(root, truth.images, truth.texts, coco, config.image_size)
+    _write_nsd_rois(root, truth.layout, c)
+    _write_nsd_betas(root, betas, truth.mask, truth.design.trials_per_session, c)
+    return {"images": len(truth.images), "trials": len(betas), "sessions": c.n_sessions,
+            "brain_voxels": int(truth.mask.sum()), "roi_voxels": int((truth.layout.roi > 0).sum())}
 
 
 def _coco_identity(n_pool: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -155,7 +189,6 @@ def _coco_identity(n_pool: int, rng: np.random.Generator) -> tuple[np.ndarray, n
 
 def _write_nsd_tables(config: SimulateConfig, root: Path, design: NsdDesign, coco: tuple, trials: tuple) -> None:
     """nsd_expdesign.mat, nsd_stim_info_merged.csv and subject 1's responses.tsv."""
-    c = config.nsd
     expdir = root / "nsddata/experiments/nsd"
     expdir.mkdir(parents=True)
     fmt.write_mat(expdir / "nsd_expdesign.mat", {
@@ -163,7 +196,7 @@ def _write_nsd_tables(config: SimulateConfig, root: Path, design: NsdDesign, coc
         "sharedix": design.sharedix[None, :],
     })
     n_pool = len(coco[0])
-    seen, reps = nsd_repeats(design, n_pool, c.n_repeats)
+    seen, reps = nsd_repeats(design, n_pool, config.nsd.n_repeats)
     shared = np.isin(np.arange(n_pool), design.sharedix - 1)
     fmt.nsd_stim_info(coco[0], coco[1], coco[2], shared, seen, reps).to_csv(expdir / "nsd_stim_info_merged.csv")
     behav = root / "nsddata/ppdata/subj01/behav"
@@ -238,36 +271,20 @@ def things_plan(c: ThingsSimConfig) -> tuple[list[tuple[str, int, str, str]], di
 def simulate_things(config: SimulateConfig, root: Path) -> dict:
     """Write sim-things under ``root`` (a new folder). Returns a summary dict."""
     c, enc = config.things, config.encoding
-    # 1. Design and stimuli; concept = main object's colour and kind.
-    design = things_design(c, _rng(config.seed, "things-design"))
-    n_images = c.n_train_images + c.n_test_images
-    scene_seed = int(_rng(config.seed, "things-scenes").integers(2**31))
-    images, _, _, scene_list = scenes.generate(n_images, scene_seed, config.image_size, config.n_captions,
-                                               config.max_objects)
-    concepts = [f"{s.objects[0].colour}_{s.objects[0].kind}" for s in scene_list]
-    counters: dict[str, int] = {}
-    names = []
-    for concept in concepts:
-        counters[concept] = counters.get(concept, 0) + 1
-        names.append(f"{concept}_{counters[concept]:02d}s.jpg")
-    # 2. Voxels (every brain voxel of the grid) and their responses.
-    plan, classes = things_plan(c)
-    layout = encoding.brain_layout(tuple(c.grid), plan, _rng(config.seed, "things-layout"))
-    mask = layout.roi >= 0
-    roi_names = np.array(["", *layout.names])[layout.roi[mask]]
-    area = np.array([classes.get(n, "") for n in roi_names])
-    fields = encoding.visual_field(layout, area, mask)
-    model = encoding.build_voxels(area, *fields, enc, _rng(config.seed, "things-voxels"))
-    signal = encoding.voxel_signal(model, images, encoding.semantic_features(scene_list), enc)
-    betas = encoding.simulate_trials(model, signal, design.image, design.session - 1, enc,
+    # 1. Design, stimuli, voxels and their noise-free signal; concept = main object's colour and kind.
+    truth = simulated_truth(config, "sim-things")
+    design, images, layout, mask, model = truth.design, truth.images, truth.layout, truth.mask, truth.model
+    concepts = [f"{s.objects[0].colour}_{s.objects[0].kind}" for s in truth.scene_list]
+    names = [f"{k}_{concepts[: i + 1].count(k):02d}s.jpg" for i, k in enumerate(concepts)]  # k's n-th image
+    # 2. Responses.
+    betas = encoding.simulate_trials(model, truth.signal, design.image, design.session - 1, enc,
                                      _rng(config.seed, "things-trials"))
     betas = (np.round(betas / c.value_quantum) * c.value_quantum).astype(np.float32)
     # 3. Files.
     tables_dir = root / "betas_csv"
     tables_dir.mkdir(parents=True)
-    voxel_ids = np.flatnonzero(mask.ravel())
-    fmt.write_response_data(tables_dir / "sub-01_ResponseData.h5", voxel_ids, np.ascontiguousarray(betas.T))
-    fmt.things_voxel_metadata(voxel_ids, mask.shape, roi_names, model,
+    fmt.write_response_data(tables_dir / "sub-01_ResponseData.h5", truth.voxel_ids, np.ascontiguousarray(betas.T))
+    fmt.things_voxel_metadata(truth.voxel_ids, mask.shape, truth.roi_names, model,
                               repeats_of_test_images(betas, design)).to_csv(tables_dir / "sub-01_VoxelMetadata.csv", index=False)
     fmt.things_stimulus_metadata(design.is_test, design.session, design.run, [names[i] for i in design.image]).to_csv(
         tables_dir / "sub-01_StimulusMetadata.csv", index=False)
@@ -276,7 +293,7 @@ def simulate_things(config: SimulateConfig, root: Path) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         fmt.write_jpeg(folder / name, image, c.jpeg_quality)
     fmt.things_concepts(sorted(set(concepts))).to_csv(root / "things_concepts.tsv", sep="\t", index=False)
-    return {"images": n_images, "trials": len(betas), "sessions": c.n_sessions, "voxels": int(mask.sum()),
+    return {"images": len(images), "trials": len(betas), "sessions": c.n_sessions, "voxels": int(mask.sum()),
             "roi_voxels": int((layout.roi > 0).sum()), "concepts": len(set(concepts))}
 
 
@@ -291,9 +308,7 @@ def disk_usage(root: Path) -> tuple[int, int]:
 
 def run(config: SimulateConfig, datasets: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Build each dataset in a temporary folder next to its root and rename it into place.
-
-    Returns dataset name -> summary (counts, files, bytes, seconds).
-    """
+    Returns dataset name -> summary (counts, files, bytes, seconds)."""
     names = tuple(datasets or config.datasets)
     unknown = sorted(set(names) - set(BUILDERS))
     if unknown:
@@ -329,11 +344,8 @@ def verify(config: SimulateConfig, report: Path) -> dict[str, bool]:
     """
     results, details = {}, {}
     with tempfile.TemporaryDirectory(prefix="simulate-verify-") as scratch:
-        fresh = dataclasses.replace(
-            config,
-            nsd=dataclasses.replace(config.nsd, root=str(Path(scratch) / "sim-nsd")),
-            things=dataclasses.replace(config.things, root=str(Path(scratch) / "sim-things")),
-        )
+        fresh = dataclasses.replace(config, nsd=dataclasses.replace(config.nsd, root=str(Path(scratch) / "sim-nsd")),
+                                    things=dataclasses.replace(config.things, root=str(Path(scratch) / "sim-things")))
         run(fresh)
         for name, (_, section) in BUILDERS.items():
             if name not in config.datasets:

@@ -29,9 +29,14 @@ def results(tmp_path):
     _write(tmp_path / "parity" / "b-ours.json",
            {"backend": "ort-cpu", "pred_z_max_abs": 1e-7, "pred_c_max_abs": 2e-3, "init_latent_max_abs": 3.5e-4, "latent_max_abs": 1.4e-5, "latent_tolerance_ratio": 1.5,
             "image_max_abs": 0.5, "passed": False, "tolerances": {"pred": 1e-4, "latent": 1e-4, "image": 1e-2}})
+    for dataset, share in (("a", 0.8), ("b", 1.125)):
+        _write(tmp_path / "known_truth" / f"{dataset}.json", {
+            "noise_ceiling": {"n_repeats": 3.0, "rois": {"V1": {"n_voxels": 40, "median": 65.25, "data_mean": 62.5}}},
+            "oracle": {"z": {"decoder": "ridge-z", "pearson_dim": 0.75, "identification": 0.995}},
+            "shares": {d: {"target": "z", "pearson_dim": share, "identification": 0.5} for d in ("ridge-z", "gcn-z")}})
     return report.ReportConfig(datasets=("a", "b"), decoders=("ridge-z", "gcn-z"), pairs=("baseline", "ours"), decode_dir=str(tmp_path / "decode"),
                                evaluate_dir=str(tmp_path / "evaluate"), parity_dir=str(tmp_path / "parity"),
-                               out=str(tmp_path / "REPORT.md"))
+                               known_truth_dir=str(tmp_path / "known_truth"), out=str(tmp_path / "REPORT.md"))
 
 
 def test_report_tables_hold_our_numbers_and_label_theirs(results):
@@ -74,7 +79,7 @@ def test_table4_carries_the_ceiling_the_floors_and_the_paired_difference(results
         data["floors"] = {"shuffled_stimuli": {"pixcorr": dict(cell, mean=0.1)}, "mean_train_image": {"pixcorr": dict(cell, mean=0.2)}}
         data["differences"] = {"ours-baseline": {"pixcorr": {"mean": 0.09, "ci_low": 0.01, "ci_high": 0.17}}}
         _write(path, data)
-    lines = report.build_report(dataclasses.replace(results, pairs=("ceiling", "baseline", "ours"))).splitlines()
+    lines = report.build_report(dataclasses.replace(results, pairs=("ceiling", "baseline", "ours"), known_truth_dir="")).splitlines()
     rows = [line for line in lines if line.startswith("| a |")]
     assert rows == ["| a | ceiling: true z + true c | 0.900 [0.450, 0.550] |",
                     "| a | baseline | 0.610 [0.590, 0.630] |",
@@ -84,3 +89,12 @@ def test_table4_carries_the_ceiling_the_floors_and_the_paired_difference(results
                     "| a | ours − baseline (paired) | 0.090 [0.010, 0.170] |"]
     with pytest.raises(ValueError, match="has no pair 'truth'"):
         report.build_report(dataclasses.replace(results, pairs=("truth",)))
+
+
+def test_known_truth_table_reads_the_stage_json(results):
+    text = report.build_report(results)
+    assert "| a | V1 | 40 | 3 | 65.2 | 62.5 |" in text
+    assert "| oracle: ridge-z on noise-free voxels | z | 0.750 | 99.5% | 0.750 | 99.5% |" in text
+    assert "| gcn-z, share of the oracle | z | 80% | 50% | 112% | 50% |" in text
+    without = report.build_report(dataclasses.replace(results, known_truth_dir=""))
+    assert "Table 5" in text and "Table 5" not in without
